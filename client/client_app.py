@@ -1,0 +1,86 @@
+"""Hospital side: a Flower ClientApp that adapts ``fedtwin.training.local_round``.
+
+Each round it receives the global weights, runs the hospital's DP local round, records the
+privacy spent in the node's persistent state (the ClientApp object itself is rebuilt every
+round, the node state is not) and sends back weights, example count and epsilon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtwin import messages
+from fedtwin.data import Hospital
+from fedtwin.models import build_model
+from fedtwin.privacy import plan_privacy
+from fedtwin.training import local_round, set_weights
+
+PRIVACY_STATE = "privacy-history"
+
+
+def round_seed(seed: int, hospital: str, server_round: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{hospital}:{server_round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def make_client_app(cfg: dict, load_hospital: Callable[[Context], Hospital]) -> ClientApp:
+    """A ClientApp for one consortium run.
+
+    ``cfg`` is the resolved run config (plain dict); ``load_hospital`` gives the hospital's
+    own data for the node running the app (its archive in deployment, its partition in
+    simulation). The hospital's budget (``privacy.*``) is read here, on the hospital's side.
+    """
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
+        hospital = load_hospital(context)
+        fed, priv = cfg["federation"], cfg["privacy"]
+        server = msg.content[messages.CONFIG]
+        steps, batch = int(server["local-steps"]), int(fed["batch_size"])
+        plan = plan_privacy(
+            enabled=bool(priv["enabled"]),
+            epsilon=float(priv["epsilon"]),
+            delta=float(priv["delta"]),
+            max_grad_norm=float(priv["max_grad_norm"]),
+            accountant=str(priv["accountant"]),
+            n_train=len(hospital.train),
+            batch_size=batch,
+            # The hospital plans for the rounds it agreed to; the server cannot stretch it.
+            total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
+        )
+        history = messages.history_from_record(context.state.get(PRIVACY_STATE))
+
+        model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
+        set_weights(model, messages.from_record(msg.content[messages.ARRAYS]))
+        result = local_round(
+            model,
+            hospital.train.images,
+            hospital.train.labels,
+            plan,
+            steps=steps,
+            batch_size=batch,
+            history=history,
+            seed=round_seed(int(cfg["seed"]), hospital.name, int(server["server-round"])),
+            device=str(cfg.get("device_resolved", "cpu")),
+        )
+        # Record the privacy spent before the weights leave this node.
+        context.state[PRIVACY_STATE] = messages.history_to_record(result.history)
+        content = RecordDict(
+            {
+                messages.ARRAYS: messages.to_record(result.weights),
+                messages.METRICS: messages.round_metrics(
+                    result.num_examples, result.epsilon, result.steps, result.losses
+                ),
+                messages.HOSPITAL: ConfigRecord({"name": hospital.name}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app

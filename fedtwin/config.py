@@ -1,0 +1,28 @@
+"""Load the Hydra configuration shipped in ``fedtwin.conf`` and apply overrides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+
+def load_config(overrides: list[str] | None = None) -> dict[str, Any]:
+    """The resolved run config as a plain dict, e.g. ``load_config(["+experiment=tiny"])``."""
+    with initialize_config_module(config_module="fedtwin.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu or cuda, got {name!r}")
+    return name

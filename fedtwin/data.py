@@ -1,0 +1,394 @@
+"""Image data for fedtwin: MedMNIST-style npz files, the downloader, and hospital splits.
+
+Conventions used everywhere in fedtwin: images are ``uint8`` arrays ``(N, H, W)`` (bright =
+dense, as in MONOCHROME2) and labels are ``int64`` arrays ``(N,)``.
+
+A simulated consortium is made in two seeded steps, both reproducible from the config:
+``partition`` deals the rows of one dataset out to hospitals (iid or Dirichlet label skew),
+then ``holdout_split`` keeps a fixed share of each hospital's images out of training (for
+the privacy audit and the utility evaluation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# Official MedMNIST files: name -> (url, md5). The URL and MD5 are the ones in the `medmnist`
+# package's INFO dict (medmnist/info.py, v3.0.2, Zenodo record 10519652; the MD5 of the
+# 28 px file is unchanged from the v2 record 6496656).
+MEDMNIST: dict[str, tuple[str, str]] = {
+    "pneumoniamnist": (
+        "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1",
+        "28209eda62fecd6e6a2d98b1501bb15f",
+    ),
+}
+
+# A Dirichlet partition is redrawn until every hospital holds at least this many images, so
+# that no hospital is left with too few images to train, hold out and audit.
+MIN_HOSPITAL_IMAGES = 10
+_MAX_DIRICHLET_DRAWS = 1000
+_DOWNLOAD_TIMEOUT_S = 60
+# ITU-R BT.601 luma weights: the usual RGB -> grey conversion.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+
+
+class DataError(ValueError):
+    """A data file or folder cannot be used; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images ``(N, H, W)`` uint8 with their labels ``(N,)`` int64."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 3 or self.labels.shape != (len(self.images),):
+            raise ValueError(
+                f"Split needs images (N, H, W) and labels (N,); got {self.images.shape} "
+                f"and {self.labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> Split:
+        """The rows ``index`` (an index array ``(M,)``) as a new Split."""
+        return Split(self.images[index], self.labels[index])
+
+    def class_counts(self, n_classes: int) -> np.ndarray:
+        """Images per class, ``(n_classes,)`` int64."""
+        if len(self) and (self.labels.min() < 0 or self.labels.max() >= n_classes):
+            raise ValueError(f"labels must lie in 0..{n_classes - 1} for {n_classes} classes")
+        return np.bincount(self.labels, minlength=n_classes).astype(np.int64)
+
+
+def empty_split(image_size: int) -> Split:
+    """A Split with no rows: images ``(0, image_size, image_size)``."""
+    return Split(np.zeros((0, image_size, image_size), np.uint8), np.zeros((0,), np.int64))
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Make ``(N, H, W)`` uint8 images ``(N, size, size)``; untouched when already that size.
+
+    Non-square images are centre-cropped to a square first, as MedMNIST did, so anatomy is
+    not stretched. Resizing is bilinear with antialiasing (no aliasing when shrinking).
+    """
+    _, h, w = images.shape
+    if (h, w) == (size, size):
+        return images
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = images[:, top : top + side, left : left + side]
+    if side == size:
+        return np.ascontiguousarray(square)
+    x = torch.from_numpy(np.ascontiguousarray(square)).float().unsqueeze(1)
+    y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def load_npz(path: str | Path, split: str = "train") -> Split:
+    """Read one split of a MedMNIST-format npz (``{split}_images``, ``{split}_labels``).
+
+    Images may be ``(N, H, W)`` or ``(N, H, W, 1)`` uint8; RGB ``(N, H, W, 3)`` is converted
+    to grey. Labels ``(N,)`` or ``(N, 1)`` of any integer type come back as int64 ``(N,)``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; pass data.path=/path/to/a MedMNIST .npz")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not an .npz (zip) file; expected a MedMNIST-format .npz")
+    wanted = (f"{split}_images", f"{split}_labels")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = sorted(npz.files)
+            arrays = {k: npz[k] for k in wanted if k in keys}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path}: cannot read the .npz ({e}); check or re-create the file") from e
+    missing = [k for k in wanted if k not in arrays]
+    if missing:
+        raise DataError(
+            f"{path}: missing key(s) {missing}; a MedMNIST npz has {list(wanted)} "
+            f"(keys found: {keys})"
+        )
+    images, labels = arrays[wanted[0]], arrays[wanted[1]]
+    return Split(_check_images(path, split, images), _check_labels(path, split, labels, images))
+
+
+def _check_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:
+    key = f"{split}_images"
+    if images.dtype != np.uint8:
+        raise DataError(
+            f"{path}: {key} has dtype {images.dtype}; expected uint8 0..255 "
+            "(convert with np.clip(x, 0, 255).astype(np.uint8))"
+        )
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    elif images.ndim == 4 and images.shape[-1] == 3:
+        grey = images.astype(np.float64) @ LUMA_WEIGHTS
+        images = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    if images.ndim != 3 or min(images.shape[1:], default=0) < 1:
+        raise DataError(
+            f"{path}: {key} has shape {images.shape}; expected (N, H, W), (N, H, W, 1) "
+            "or RGB (N, H, W, 3)"
+        )
+    return np.ascontiguousarray(images)
+
+
+def _check_labels(path: Path, split: str, labels: np.ndarray, images: np.ndarray) -> np.ndarray:
+    key = f"{split}_labels"
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: {key} has dtype {labels.dtype}; expected integer class ids")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.shape != (len(images),):
+        raise DataError(
+            f"{path}: {key} has shape {labels.shape}; expected ({len(images)},) or "
+            f"({len(images)}, 1) to match {split}_images (multi-label data is not supported)"
+        )
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"{path}: {key} has negative values; expected class ids 0, 1, ...")
+    return labels.astype(np.int64)
+
+
+# --- download ---------------------------------------------------------------------------
+
+
+def cache_dir(configured: str | None = None) -> Path:
+    """Where downloads live: ``configured``, else ``$FEDTWIN_CACHE``, else ~/.cache/fedtwin."""
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("FEDTWIN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fedtwin"
+
+
+def md5sum(path: Path) -> str:
+    """Hex MD5 of a file, read in chunks (MedMNIST publishes MD5s)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(name: str, cache: Path, *, progress: bool = True) -> Path:
+    """Fetch the official MedMNIST file ``name`` into ``cache``; return its path.
+
+    A cached file whose MD5 matches is returned without touching the network. A download
+    goes to a temporary file in ``cache``, is checked, and only then renamed into place, so
+    an interrupted or corrupted download never looks like a good cached file.
+    """
+    if name not in MEDMNIST:
+        raise DataError(f"unknown dataset {name!r} (data.name); known: {sorted(MEDMNIST)}")
+    url, md5 = MEDMNIST[name]
+    cache = Path(cache)
+    target = cache / f"{name}.npz"
+    if target.is_file() and md5sum(target) == md5:
+        return target
+    offline_hint = f"Put the MedMNIST file at {target} or pass data.path=/path/to/{name}.npz"
+    tmp = cache / f".{name}.{os.getpid()}.part"  # per process: parallel runs don't collide
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as out:
+            _fetch(url, out, name, progress)
+        got = md5sum(tmp)
+        if got != md5:
+            raise DataError(
+                f"download of {name} from {url} has MD5 {got}, expected {md5}; the file was "
+                f"removed. Try again later. {offline_hint}"
+            )
+        os.replace(tmp, target)
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+        # HTTPError's str() carries the status code; URLError's reason is the socket error.
+        reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise DataError(
+            f"cannot download {name} from {url} ({reason}): no network? {offline_hint}"
+        ) from e
+    except OSError as e:
+        raise DataError(
+            f"cannot save the download of {name} in {cache} ({e}); set data.cache_dir or "
+            f"$FEDTWIN_CACHE to a writable folder. {offline_hint}"
+        ) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _fetch(url: str, out, name: str, progress: bool) -> None:
+    # No browser User-Agent on purpose: Zenodo refuses scripts that pretend to be browsers.
+    with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+            for chunk in iter(lambda: response.read(1 << 16), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def resolve_data_path(
+    path: str | None, name: str, cache_dir: str | None = None, *, progress: bool = True
+) -> Path:
+    """The npz to use: ``path`` if given (it must exist), else the cached or downloaded file."""
+    if path:
+        given = Path(path).expanduser()
+        if not given.exists():
+            raise DataError(
+                f"data.path={given}: no such file or folder; give an existing MedMNIST .npz "
+                "or DICOM folder, or leave data.path unset to use the download"
+            )
+        return given
+    return download(name, _cache_root(cache_dir), progress=progress)
+
+
+_cache_root = cache_dir  # resolve_data_path's parameter shadows the function name
+
+
+# --- hospitals --------------------------------------------------------------------------
+
+
+def partition(
+    labels: np.ndarray,
+    n_hospitals: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Deal rows out to hospitals; returns one sorted index array ``(N_h,)`` per hospital.
+
+    The arrays are disjoint and together cover ``range(len(labels))``.
+
+    - ``iid``: a seeded shuffle cut into near-equal parts.
+    - ``dirichlet``: label skew. For each class, the shares of its images per hospital are
+      drawn from Dirichlet(alpha); smaller alpha = more skewed mixes. The whole draw is
+      repeated until every hospital holds at least ``min(MIN_HOSPITAL_IMAGES, N //
+      n_hospitals)`` images (up to 1000 draws, then ValueError).
+    """
+    labels = np.asarray(labels).reshape(-1)
+    n = len(labels)
+    if n_hospitals < 1 or n < n_hospitals:
+        raise ValueError(
+            f"federation.hospitals={n_hospitals}: need 1 to {n} hospitals for {n} images"
+        )
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(n), n_hospitals)]
+    if scheme != "dirichlet":
+        raise ValueError(f"federation.partition={scheme!r}: expected 'iid' or 'dirichlet'")
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        alpha = float("nan")  # reported just below, naming the config field
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"federation.alpha={alpha}: must be a positive number, e.g. 0.5")
+    min_size = min(MIN_HOSPITAL_IMAGES, n // n_hospitals)
+    for _ in range(_MAX_DIRICHLET_DRAWS):
+        parts = _dirichlet_draw(labels, n_hospitals, alpha, rng)
+        if min(len(p) for p in parts) >= min_size:
+            return parts
+    raise ValueError(
+        f"federation.alpha={alpha}: no Dirichlet draw in {_MAX_DIRICHLET_DRAWS} gave every one "
+        f"of {n_hospitals} hospitals {min_size} images; raise federation.alpha or lower "
+        "federation.hospitals"
+    )
+
+
+def _dirichlet_draw(
+    labels: np.ndarray, n_hospitals: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    chunks: list[list[np.ndarray]] = [[] for _ in range(n_hospitals)]
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        shares = rng.dirichlet(np.full(n_hospitals, alpha))
+        cuts = np.floor(np.cumsum(shares)[:-1] * len(rows)).astype(int)
+        for h, piece in enumerate(np.split(rows, cuts)):
+            chunks[h].append(piece)
+    return [np.sort(np.concatenate(c)) for c in chunks]
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into sorted ``(train_idx, holdout_idx)``.
+
+    The holdout has ``round(n * fraction)`` rows (at most ``n - 1``, so training always has
+    data); ``fraction=0`` gives an empty holdout.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"federation.holdout_fraction={fraction}: must be in [0, 1)")
+    n_holdout = min(int(round(n * fraction)), max(n - 1, 0))
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_holdout:]), np.sort(order[:n_holdout])
+
+
+def hospital_seed(seed: int, index: int) -> int:
+    """The holdout seed of hospital ``index``: fixed by (run seed, index), so a hospital
+    that restarts, or re-ingests its archive, gets the same holdout."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+@dataclass
+class Hospital:
+    """One hospital's images: ``train`` is used for training, ``holdout`` never is.
+
+    ``rows`` are the rows of the source split the hospital holds (ascending, train and
+    holdout together) when the hospital was simulated from one dataset; ``holdout_seed``
+    is the seed ``holdout_split`` used.
+    """
+
+    name: str
+    train: Split
+    holdout: Split
+    rows: np.ndarray | None = None
+    holdout_seed: int | None = None
+
+
+def split_hospital(name: str, data: Split, holdout_fraction: float, holdout_seed: int) -> Hospital:
+    """A hospital from all its images ``data`` (in archive order) and its holdout seed.
+
+    The client calls this after ingesting its archive, the simulation via make_hospitals:
+    one function, so both get the same holdout.
+    """
+    train_idx, holdout_idx = holdout_split(len(data), holdout_fraction, holdout_seed)
+    return Hospital(
+        name, data.subset(train_idx), data.subset(holdout_idx), holdout_seed=holdout_seed
+    )
+
+
+def make_hospitals(
+    data: Split,
+    n_hospitals: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[Hospital]:
+    """Simulate a consortium from one dataset: ``hospital-0``, ``hospital-1``, ..."""
+    hospitals = []
+    for i, rows in enumerate(partition(data.labels, n_hospitals, scheme, alpha, seed)):
+        h = split_hospital(
+            f"hospital-{i}", data.subset(rows), holdout_fraction, hospital_seed(seed, i)
+        )
+        h.rows = rows
+        hospitals.append(h)
+    return hospitals
+
+
+def label_shares(hospitals: list[Hospital]) -> np.ndarray:
+    """Class proportions ``(n_classes,)`` over all hospitals' training images."""
+    labels = np.concatenate([h.train.labels for h in hospitals])
+    if len(labels) == 0:
+        raise ValueError("label_shares: the hospitals have no training images")
+    counts = np.bincount(labels)
+    return counts / counts.sum()

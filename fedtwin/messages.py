@@ -1,0 +1,61 @@
+"""What travels between hospitals and the server, in Flower's record types.
+
+Both Flower apps import this, so the message layout is written down once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+from fedtwin.privacy import History
+
+ARRAYS = "arrays"  # the generator's weights (FedAvg's default key)
+CONFIG = "config"  # server -> hospital: what this round asks for
+METRICS = "metrics"  # hospital -> server: counts, losses, epsilon spent
+HOSPITAL = "hospital"  # hospital -> server: its public name
+
+
+def to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    record = ArrayRecord()
+    for name, arr in weights.items():
+        record[name] = Array.from_numpy_ndarray(np.ascontiguousarray(arr))
+    return record
+
+
+def from_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((name, arr.numpy()) for name, arr in record.items())
+
+
+def history_to_record(history: History) -> ConfigRecord:
+    """Accountant history as a ConfigRecord, kept in the node's state across rounds."""
+    return ConfigRecord(
+        {
+            "noise_multiplier": [float(h[0]) for h in history],
+            "sample_rate": [float(h[1]) for h in history],
+            "steps": [int(h[2]) for h in history],
+        }
+    )
+
+
+def history_from_record(record: ConfigRecord | None) -> History:
+    if record is None:
+        return []
+    return list(
+        zip(record["noise_multiplier"], record["sample_rate"], record["steps"], strict=True)
+    )
+
+
+def round_metrics(num_examples: int, epsilon: float, steps: int, losses: dict) -> MetricRecord:
+    # MetricRecord carries only finite numbers; DP off (epsilon = inf) is sent as -1.
+    eps = -1.0 if math.isinf(epsilon) else float(epsilon)
+    return MetricRecord(
+        {"num-examples": int(num_examples), "epsilon": eps, "steps": int(steps), **losses}
+    )
+
+
+def epsilon_from_metric(value: float) -> float:
+    return math.inf if value < 0 else float(value)

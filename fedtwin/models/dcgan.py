@@ -1,0 +1,157 @@
+"""Class-conditional DCGAN for small grayscale images (28 x 28 by default).
+
+The discriminator has no BatchNorm (Opacus needs per-sample gradients) and uses a
+projection head for the label (Miyato & Koyama 2018). It is the only module that sees real
+images, so it is the one trained with DP-SGD; the generator only learns through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtwin.models.base import TwinGenerator
+
+
+@dataclass(frozen=True)
+class DCGANConfig:
+    n_classes: int = 2
+    image_size: int = 28
+    latent_dim: int = 64
+    width: int = 32
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    d_steps: int = 5  # discriminator steps per generator step (DP needs a stronger D)
+
+
+class Generator(nn.Module):
+    """``z (N, latent_dim)``, ``y (N,)`` -> images ``(N, 1, S, S)`` in [-1, 1], S = image_size."""
+
+    def __init__(self, cfg: DCGANConfig):
+        super().__init__()
+        if cfg.image_size % 4:
+            raise ValueError(f"data.image_size must be a multiple of 4, got {cfg.image_size}")
+        self.base = cfg.image_size // 4
+        w = cfg.width
+        self.embed = nn.Embedding(cfg.n_classes, cfg.latent_dim)
+        self.fc = nn.Sequential(
+            nn.Linear(2 * cfg.latent_dim, 4 * w * self.base**2),
+            nn.ReLU(),
+        )
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(4 * w, 2 * w, 4, stride=2, padding=1),  # base -> 2 base
+            nn.GroupNorm(8, 2 * w),
+            nn.ReLU(),
+            nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1),  # 2 base -> 4 base
+            nn.GroupNorm(8, w),
+            nn.ReLU(),
+            nn.Conv2d(w, 1, 3, padding=1),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(torch.cat([z, self.embed(y)], dim=1))
+        return self.up(h.view(z.shape[0], -1, self.base, self.base))
+
+
+class Discriminator(nn.Module):
+    """images ``(N, 1, S, S)``, ``y (N,)`` -> logits ``(N,)``; no BatchNorm (Opacus)."""
+
+    def __init__(self, cfg: DCGANConfig):
+        super().__init__()
+        w = cfg.width
+        self.features = nn.Sequential(
+            nn.Conv2d(1, w, 4, stride=2, padding=1),  # S -> S/2
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),  # S/2 -> S/4
+            nn.GroupNorm(8, 2 * w),
+            nn.LeakyReLU(0.2),
+        )
+        self.out = nn.Linear(2 * w * (cfg.image_size // 4) ** 2, 1)
+        # Projection head on globally pooled features: the label term stays small and cheap.
+        self.embed = nn.Embedding(cfg.n_classes, 2 * w)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        projection = (self.embed(y) * h.mean(dim=(2, 3))).sum(dim=1)
+        return self.out(h.flatten(1)).squeeze(1) + projection
+
+
+class DCGAN(TwinGenerator):
+    """Generator + discriminator, exchanged together; D is the DP-trained private module."""
+
+    name = "dcgan"
+
+    def __init__(self, cfg: DCGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_classes = cfg.n_classes
+        self.image_size = cfg.image_size
+        self.generator = Generator(cfg)
+        self.discriminator = Discriminator(cfg)
+        self._d_steps_done = 0
+
+    def private_module(self) -> nn.Module:
+        return self.discriminator
+
+    def make_optimizers(self) -> tuple[torch.optim.Optimizer, list[torch.optim.Optimizer]]:
+        betas = (self.cfg.beta1, self.cfg.beta2)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.lr_d, betas=betas)
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.lr_g, betas=betas)
+        return opt_d, [opt_g]
+
+    def _fake(self, n: int, rng: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(n, self.cfg.latent_dim, generator=rng).to(device)
+        y = torch.randint(0, self.n_classes, (n,), generator=rng).to(device)
+        return self.generator(z, y), y
+
+    def train_step(self, private, real, labels, private_opt, other_opts, expected_batch, rng):
+        device = real.device
+        (opt_g,) = other_opts
+        # Discriminator: one private forward over real and a fixed-size fake batch.
+        with torch.no_grad():
+            fake, fake_y = self._fake(expected_batch, rng, device)
+        x = torch.cat([real, fake])
+        y = torch.cat([labels, fake_y])
+        target = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).to(device)
+        private_opt.zero_grad(set_to_none=True)
+        loss_d = F.binary_cross_entropy_with_logits(private(x, y), target)
+        loss_d.backward()
+        private_opt.step()
+        self._d_steps_done += 1
+        if self._d_steps_done % self.cfg.d_steps:
+            return {"loss_d": loss_d.item()}
+
+        # Generator: learns only through the (already private) discriminator.
+        _set_hooks(private, enabled=False)
+        opt_g.zero_grad(set_to_none=True)
+        fake, fake_y = self._fake(expected_batch, rng, device)
+        loss_g = F.binary_cross_entropy_with_logits(
+            private(fake, fake_y), torch.ones(len(fake), device=device)
+        )
+        loss_g.backward()
+        opt_g.step()
+        private_opt.zero_grad(set_to_none=True)
+        _set_hooks(private, enabled=True)
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        was_training = self.generator.training
+        self.generator.eval()
+        z = torch.randn(len(labels), self.cfg.latent_dim, generator=rng)
+        out = self.generator(z.to(labels.device), labels)
+        self.generator.train(was_training)
+        return out
+
+
+def _set_hooks(module: nn.Module, enabled: bool) -> None:
+    """Switch Opacus' per-sample-gradient hooks, which the generator step does not need."""
+    if hasattr(module, "enable_hooks"):
+        module.enable_hooks() if enabled else module.disable_hooks()

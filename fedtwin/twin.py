@@ -1,0 +1,127 @@
+"""Make a synthetic twin with the global generator and write its directory.
+
+Twin directory (the contract in DESIGN.md)::
+
+    images.npz      train_images uint8 (N, H, W), train_labels uint8 (N, 1)  (MedMNIST keys)
+    labels.csv      file,label  (file = the DICOM file of each image)
+    dicom/*.dcm     Secondary Capture, marked synthetic, no PHI
+    manifest.json   config, code version, rounds, epsilon per hospital, delta, sha256 of files
+
+The audit (audit.json) and the signature (manifest.sig) are added by later stages.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom.uid import generate_uid
+from tqdm import tqdm
+
+from fedtwin import __version__
+from fedtwin.dicom import write_dicom
+from fedtwin.jsonio import write_json
+from fedtwin.models.base import TwinGenerator
+from fedtwin.training import to_uint8
+
+
+def label_mix(shares: np.ndarray, n: int, mode: str, seed: int) -> np.ndarray:
+    """``n`` labels ``(n,)`` int64 with class counts proportional to ``shares`` (or equal).
+
+    ``mode`` is ``federation`` (the hospitals' label proportions) or ``balanced``. Counts are
+    exact (largest remainder), the order is shuffled with ``seed``.
+    """
+    k = len(shares)
+    if mode == "balanced":
+        p = np.full(k, 1.0 / k)
+    elif mode == "federation":
+        p = np.asarray(shares, dtype=float) / np.sum(shares)
+    else:
+        raise ValueError(f"twin.label_mix: expected 'federation' or 'balanced', got {mode!r}")
+    raw = p * n
+    counts = np.floor(raw).astype(int)
+    counts[np.argsort(counts - raw, kind="stable")[: n - counts.sum()]] += 1
+    labels = np.repeat(np.arange(k), counts)
+    return np.random.default_rng(seed).permutation(labels).astype(np.int64)
+
+
+@torch.no_grad()
+def generate(
+    model: TwinGenerator, labels: np.ndarray, seed: int, batch: int = 500, progress: bool = False
+) -> np.ndarray:
+    """One image per label: ``labels (N,)`` -> uint8 ``(N, H, W)``."""
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for start in tqdm(range(0, len(labels), batch), desc="generate", disable=not progress):
+        y = torch.as_tensor(labels[start : start + batch], dtype=torch.long)
+        out.append(to_uint8(model.sample(y, rng)))
+    return (
+        np.concatenate(out) if out else np.zeros((0, model.image_size, model.image_size), np.uint8)
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_twin(
+    out: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    class_names: list[str],
+    provenance: dict[str, Any],
+    dicom: bool = True,
+    progress: bool = False,
+) -> Path:
+    """Write the twin directory ``out`` and its ``manifest.json``; returns the manifest path.
+
+    ``provenance`` goes into the manifest as is (config, rounds, epsilon per hospital, ...).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out / "images.npz",
+        train_images=images.astype(np.uint8),
+        train_labels=labels.astype(np.uint8).reshape(-1, 1),
+    )
+    names = [f"twin-{i:06d}.dcm" for i in range(len(images))]
+    with open(out / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label"])
+        writer.writerows(zip(names, labels.tolist(), strict=True))
+    if dicom:
+        series, study = generate_uid(), generate_uid()
+        for i, name in enumerate(tqdm(names, desc="dicom", disable=not progress)):
+            write_dicom(
+                out / "dicom" / name,
+                images[i],
+                label=int(labels[i]),
+                synthetic=True,
+                series_uid=series,
+                study_uid=study,
+                instance_number=i + 1,
+            )
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in _NOT_HASHED)
+    manifest = {
+        "kind": "fedtwin synthetic twin",
+        "code_version": __version__,
+        "size": int(len(images)),
+        "image_shape": list(images.shape[1:]),
+        "classes": {str(i): name for i, name in enumerate(class_names)},
+        "class_counts": np.bincount(labels, minlength=len(class_names)).tolist(),
+        **provenance,
+        "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files},
+    }
+    return write_json(out / "manifest.json", manifest)
+
+
+_NOT_HASHED = {"manifest.json", "manifest.sig"}

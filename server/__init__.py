@@ -1,0 +1,1 @@
+"""Consortium side: the Flower ServerApp and its aggregation strategy."""

@@ -1,0 +1,45 @@
+"""Consortium side: a Flower ServerApp that runs the federated training of the generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedtwin.server.strategy import TwinFedAvg
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedtwin import messages
+from fedtwin.models import build_model
+from fedtwin.training import get_weights
+
+
+def initial_weights(cfg: dict) -> dict:
+    import torch
+
+    torch.manual_seed(int(cfg["seed"]))
+    model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
+    return get_weights(model)
+
+
+def make_server_app(cfg: dict, out: Path) -> ServerApp:
+    """A ServerApp that trains for ``federation.rounds`` and checkpoints into ``out``."""
+    app = ServerApp()
+    fed = cfg["federation"]
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = TwinFedAvg(
+            out=out,
+            fraction_train=1.0,
+            fraction_evaluate=0.0,  # the twin is evaluated after training, not per round
+            min_train_nodes=int(fed["min_hospitals"]),
+            min_available_nodes=int(fed["hospitals"]),
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=messages.to_record(initial_weights(cfg)),
+            num_rounds=int(fed["rounds"]),
+            train_config=ConfigRecord({"local-steps": int(fed["local_steps"])}),
+        )
+
+    return app

@@ -1,0 +1,93 @@
+"""FedAvg over the whole generator (generator and discriminator), weighted by examples.
+
+On top of Flower's FedAvg this keeps what a consortium needs from every round: each
+hospital's epsilon and losses, and a checkpoint of the global model on disk, written
+before the next round starts so a crash never loses a completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp.strategy import FedAvg
+
+from fedtwin import messages
+from fedtwin.jsonio import write_json
+
+
+class TwinFedAvg(FedAvg):
+    """FedAvg that logs per-hospital metrics and checkpoints every round into ``out``."""
+
+    def __init__(self, out: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.out = Path(out)
+        self.rounds: list[dict] = []
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        hospitals, refused = {}, []
+        for msg in replies:
+            if msg.has_error():
+                refused.append({"node": int(msg.metadata.src_node_id), "reason": msg.error.reason})
+                continue
+            name = str(msg.content[messages.HOSPITAL]["name"])
+            m = dict(msg.content[messages.METRICS])
+            m["epsilon"] = messages.epsilon_from_metric(m["epsilon"])
+            hospitals[name] = m
+        entry = {"round": server_round, "hospitals": hospitals, "refused": refused}
+        if metrics is not None:
+            entry["mean"] = {k: v for k, v in metrics.items() if k != "epsilon"}
+        self.rounds.append(entry)
+        log(INFO, "round %d: %s", server_round, describe_round(entry))
+        if arrays is not None:
+            save_checkpoint(self.out, server_round, arrays, self.rounds)
+        return arrays, metrics
+
+
+def describe_round(entry: dict) -> str:
+    parts = []
+    for name, m in entry["hospitals"].items():
+        eps = "inf (DP off)" if m["epsilon"] == float("inf") else f"{m['epsilon']:.2f}"
+        parts.append(
+            f"{name} eps {eps} loss_d {m.get('loss_d', 0):.3f} loss_g {m.get('loss_g', 0):.3f}"
+        )
+    parts += [f"node {r['node']} refused: {r['reason']}" for r in entry["refused"]]
+    return "; ".join(parts) or "no hospital answered"
+
+
+def save_checkpoint(out: Path, server_round: int, arrays: ArrayRecord, rounds: list[dict]) -> Path:
+    """Write ``checkpoints/round-NNN.pt`` and ``history.json`` atomically (temp + rename)."""
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"round-{server_round:03d}.pt"
+    weights = {k: torch.from_numpy(v) for k, v in messages.from_record(arrays).items()}
+    _atomic(path, lambda p: torch.save({"round": server_round, "weights": weights}, p))
+    write_json(out / "history.json", {"rounds": rounds})
+    return path
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((Path(out) / "checkpoints").glob("round-*.pt"))
+    return found[-1] if found else None
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def read_history(out: Path) -> list[dict]:
+    """Per-round records written by ``save_checkpoint`` (empty before the first round)."""
+    path = Path(out) / "history.json"
+    return json.loads(path.read_text())["rounds"] if path.exists() else []

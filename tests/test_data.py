@@ -1,0 +1,303 @@
+"""Tests for fedtwin.data: npz loading, the downloader (no network) and hospital splits."""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtwin import data
+from fedtwin.data import DataError, Split
+
+SHARED_NPZ = Path(__file__).resolve().parents[2] / "shared/data/pneumoniamnist_28_trainval.npz"
+
+
+def balanced_labels(n_per_class: int = 500, n_classes: int = 2) -> np.ndarray:
+    return np.repeat(np.arange(n_classes), n_per_class).astype(np.int64)
+
+
+def random_split(n: int, size: int = 28, seed: int = 0) -> Split:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+    return Split(images, rng.integers(0, 2, n).astype(np.int64))
+
+
+# --- Split and load_npz -----------------------------------------------------------------
+
+
+def test_split_len_and_class_counts() -> None:
+    split = Split(np.zeros((5, 4, 4), np.uint8), np.array([0, 1, 1, 2, 1]))
+    assert len(split) == 5
+    assert split.class_counts(3).tolist() == [1, 3, 1]
+    assert split.class_counts(4).tolist() == [1, 3, 1, 0]
+    with pytest.raises(ValueError, match="0..1"):
+        split.class_counts(2)
+
+
+def test_load_npz_flattens_labels_and_squeezes_channel(tmp_path: Path) -> None:
+    images = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4, 1)
+    path = tmp_path / "x.npz"
+    np.savez(path, val_images=images, val_labels=np.array([[1], [0], [1]], np.uint8))
+    split = data.load_npz(path, "val")
+    assert split.images.shape == (3, 4, 4)
+    assert split.labels.dtype == np.int64 and split.labels.tolist() == [1, 0, 1]
+    assert np.array_equal(split.images, images[..., 0])
+
+
+def test_load_npz_converts_rgb_to_grey(tmp_path: Path) -> None:
+    rgb = np.zeros((2, 3, 3, 3), np.uint8)
+    rgb[0] = 255
+    rgb[1, ..., 1] = 100  # pure green
+    path = tmp_path / "rgb.npz"
+    np.savez(path, train_images=rgb, train_labels=np.array([0, 1]))
+    grey = data.load_npz(path).images
+    assert grey.shape == (2, 3, 3)
+    assert (grey[0] == 255).all() and (grey[1] == round(0.587 * 100)).all()
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"val_images": np.zeros((2, 4, 4), np.uint8)}, r"missing key.*train_images"),
+        (
+            {"train_images": np.zeros((2, 4, 4)), "train_labels": np.zeros(2, int)},
+            "dtype float64; expected uint8",
+        ),
+        (
+            {"train_images": np.zeros((2, 16), np.uint8), "train_labels": np.zeros(2, int)},
+            r"shape \(2, 16\)",
+        ),
+        (
+            {"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.zeros(3, int)},
+            r"train_labels has shape \(3,\)",
+        ),
+        (
+            {"train_images": np.zeros((2, 4, 4), np.uint8), "train_labels": np.zeros(2)},
+            "expected integer class ids",
+        ),
+    ],
+)
+def test_load_npz_errors_name_file_and_field(tmp_path: Path, arrays: dict, match: str) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=match) as info:
+        data.load_npz(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_npz_missing_or_not_npz(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        data.load_npz(tmp_path / "absent.npz")
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"definitely not a zip archive")
+    with pytest.raises(DataError, match="not an .npz"):
+        data.load_npz(junk)
+
+
+def test_resize_images_crops_and_resizes_only_when_needed() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    assert data.resize_images(images, 28) is images
+    assert data.resize_images(images, 14).shape == (2, 14, 14)
+    wide = np.zeros((1, 10, 30), np.uint8)
+    wide[:, :, 10:20] = 200  # the centre square is uniformly 200
+    assert (data.resize_images(wide, 5) == 200).all()
+
+
+# --- downloader (never touches the network) ---------------------------------------------
+
+
+@pytest.fixture
+def local_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """A small npz registered in MEDMNIST as 'tiny', served from a file:// URL."""
+    src = tmp_path / "src" / "tiny.npz"
+    src.parent.mkdir()
+    np.savez(src, train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.zeros(2, int))
+    md5 = hashlib.md5(src.read_bytes()).hexdigest()
+    monkeypatch.setitem(data.MEDMNIST, "tiny", (src.as_uri(), md5))
+    return src, md5
+
+
+def test_official_pneumoniamnist_entry() -> None:
+    url, md5 = data.MEDMNIST["pneumoniamnist"]
+    assert url.startswith("https://zenodo.org/") and "pneumoniamnist.npz" in url
+    assert md5 == "28209eda62fecd6e6a2d98b1501bb15f"
+
+
+def test_download_verifies_checksum_and_then_uses_cache(
+    tmp_path: Path, local_source: tuple[Path, str]
+) -> None:
+    src, _ = local_source
+    cache = tmp_path / "cache"
+    got = data.download("tiny", cache, progress=False)
+    assert got == cache / "tiny.npz" and got.read_bytes() == src.read_bytes()
+    src.unlink()  # a second call must not fetch again
+    assert data.download("tiny", cache, progress=False) == got
+    assert [p.name for p in cache.iterdir()] == ["tiny.npz"]
+
+
+def test_download_checksum_mismatch_removes_file(
+    tmp_path: Path, local_source: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, _ = local_source
+    monkeypatch.setitem(data.MEDMNIST, "tiny", (src.as_uri(), "0" * 32))
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="MD5 .* expected 0{32}"):
+        data.download("tiny", cache, progress=False)
+    assert list(cache.iterdir()) == []
+
+
+def test_download_offline_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as info:
+        data.download("pneumoniamnist", cache, progress=False)
+    message = str(info.value)
+    assert "cannot download pneumoniamnist" in message and "name resolution" in message
+    assert "no network?" in message and str(cache / "pneumoniamnist.npz") in message
+    assert "data.path=/path/to/pneumoniamnist.npz" in message
+    assert list(cache.iterdir()) == []  # no partial file left behind
+
+
+def test_download_unreachable_url_is_a_data_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = (tmp_path / "nowhere.npz").as_uri()
+    monkeypatch.setitem(data.MEDMNIST, "tiny", (missing, "0" * 32))
+    with pytest.raises(DataError, match="no network"):
+        data.download("tiny", tmp_path / "cache", progress=False)
+
+
+def test_download_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="unknown dataset 'nope'"):
+        data.download("nope", tmp_path)
+
+
+def test_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FEDTWIN_CACHE", str(tmp_path / "env"))
+    assert data.cache_dir(str(tmp_path / "conf")) == tmp_path / "conf"
+    assert data.cache_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("FEDTWIN_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.cache_dir(None) == tmp_path / ".cache" / "fedtwin"
+
+
+def test_resolve_data_path(tmp_path: Path, local_source: tuple[Path, str]) -> None:
+    src, _ = local_source
+    assert data.resolve_data_path(str(src), "tiny", None) == src
+    with pytest.raises(DataError, match="absent.npz"):
+        data.resolve_data_path(str(tmp_path / "absent.npz"), "tiny", None)
+    cache = tmp_path / "cache"
+    got = data.resolve_data_path(None, "tiny", str(cache), progress=False)
+    assert got == cache / "tiny.npz" and got.is_file()
+
+
+# --- partition, holdout, hospitals --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scheme", "alpha"), [("iid", 0.5), ("dirichlet", 0.5), ("dirichlet", 0.1)]
+)
+def test_partition_disjoint_complete_deterministic(scheme: str, alpha: float) -> None:
+    labels = balanced_labels()
+    parts = data.partition(labels, 4, scheme, alpha, seed=3)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(labels) and set(joined.tolist()) == set(range(len(labels)))
+    assert all(len(p) >= data.MIN_HOSPITAL_IMAGES for p in parts)
+    again = data.partition(labels, 4, scheme, alpha, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = data.partition(labels, 4, scheme, alpha, seed=4)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+def _max_share_gap(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    overall = labels.mean()
+    return max(abs(labels[p].mean() - overall) for p in parts)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dirichlet_skews_label_mix_iid_does_not(seed: int) -> None:
+    labels = balanced_labels()
+    iid = data.partition(labels, 4, "iid", seed=seed)
+    skewed = data.partition(labels, 4, "dirichlet", alpha=0.1, seed=seed)
+    assert _max_share_gap(labels, iid) < 0.1
+    assert _max_share_gap(labels, skewed) > 0.25
+    sizes = [len(p) for p in iid]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"scheme": "random"}, "federation.partition"),
+        ({"scheme": "dirichlet", "alpha": 0.0}, "federation.alpha"),
+        ({"scheme": "dirichlet", "alpha": float("nan")}, "federation.alpha"),
+        ({"scheme": "dirichlet", "alpha": -1.0}, "federation.alpha"),
+        ({"scheme": "dirichlet", "alpha": "high"}, "federation.alpha"),
+        ({"n_hospitals": 0}, "federation.hospitals"),
+        ({"n_hospitals": 5000}, "federation.hospitals"),
+    ],
+)
+def test_partition_bad_args_name_the_field(kwargs: dict, field: str) -> None:
+    args = {"n_hospitals": 4, "scheme": "iid", "alpha": 0.5, "seed": 0} | kwargs
+    with pytest.raises(ValueError, match=field):
+        data.partition(balanced_labels(), **args)
+
+
+def test_holdout_split_stable_and_sized() -> None:
+    train, holdout = data.holdout_split(100, 0.2, seed=7)
+    assert len(holdout) == 20 and len(train) == 80
+    assert set(train.tolist()) | set(holdout.tolist()) == set(range(100))
+    again = data.holdout_split(100, 0.2, seed=7)
+    assert np.array_equal(train, again[0]) and np.array_equal(holdout, again[1])
+    assert not np.array_equal(holdout, data.holdout_split(100, 0.2, seed=8)[1])
+    train0, holdout0 = data.holdout_split(10, 0.0, seed=7)
+    assert len(holdout0) == 0 and train0.tolist() == list(range(10))
+    with pytest.raises(ValueError, match="federation.holdout_fraction"):
+        data.holdout_split(10, 1.0, seed=0)
+
+
+def test_make_hospitals_is_reproducible() -> None:
+    split = random_split(300)
+    first = data.make_hospitals(split, 3, "dirichlet", 0.5, 0.25, seed=11)
+    second = data.make_hospitals(split, 3, "dirichlet", 0.5, 0.25, seed=11)
+    assert [h.name for h in first] == ["hospital-0", "hospital-1", "hospital-2"]
+    for a, b in zip(first, second, strict=True):
+        assert np.array_equal(a.holdout.images, b.holdout.images)
+        assert np.array_equal(a.holdout.labels, b.holdout.labels)
+        assert np.array_equal(a.train.images, b.train.images)
+        assert len(a.train) + len(a.holdout) == len(a.rows)
+        assert len(a.holdout) == round(0.25 * len(a.rows))
+    # The holdout depends on the hospital's index: hospitals do not share one pattern.
+    assert first[0].holdout_seed != first[1].holdout_seed
+
+
+def test_split_hospital_reproduces_make_hospitals() -> None:
+    split = random_split(120)
+    for i, h in enumerate(data.make_hospitals(split, 2, "iid", 0.5, 0.2, seed=5)):
+        again = data.split_hospital(h.name, split.subset(h.rows), 0.2, data.hospital_seed(5, i))
+        assert np.array_equal(again.holdout.images, h.holdout.images)
+        assert np.array_equal(again.train.labels, h.train.labels)
+
+
+def test_label_shares() -> None:
+    split = Split(np.zeros((6, 2, 2), np.uint8), np.array([0, 0, 1, 1, 1, 1]))
+    hospitals = data.make_hospitals(split, 2, "iid", holdout_fraction=0.0, seed=0)
+    assert np.allclose(data.label_shares(hospitals), [2 / 6, 4 / 6])
+
+
+def test_shared_pneumoniamnist_partitions() -> None:
+    if not SHARED_NPZ.is_file():
+        pytest.skip(f"shared data file not found at {SHARED_NPZ}")
+    train = data.load_npz(SHARED_NPZ, "train")
+    assert train.images.shape == (4708, 28, 28)
+    assert train.class_counts(2).tolist() == [1214, 3494]
+    hospitals = data.make_hospitals(train, 4, "dirichlet", 0.5, 0.2, seed=0)
+    assert sum(len(h.train) + len(h.holdout) for h in hospitals) == len(train)
+    assert np.isclose(data.label_shares(hospitals).sum(), 1.0)
