@@ -16,8 +16,14 @@ from fedtwin.privacy import (
 
 def plan(**kw):
     args = dict(
-        enabled=True, epsilon=10.0, delta=1e-5, max_grad_norm=1.0, accountant="rdp",
-        n_train=940, batch_size=128, total_steps=200,
+        enabled=True,
+        epsilon=10.0,
+        delta=1e-5,
+        max_grad_norm=1.0,
+        accountant="rdp",
+        n_train=940,
+        batch_size=128,
+        total_steps=200,
     )
     return plan_privacy(**{**args, **kw})
 

@@ -15,8 +15,14 @@ MODEL = {"name": "dcgan", "latent_dim": 16, "width": 8, "d_steps": 1}
 
 def make_plan(n, enabled=True, total_steps=6):
     return plan_privacy(
-        enabled=enabled, epsilon=5.0, delta=1e-4, max_grad_norm=1.0, accountant="rdp",
-        n_train=n, batch_size=32, total_steps=total_steps,
+        enabled=enabled,
+        epsilon=5.0,
+        delta=1e-4,
+        max_grad_norm=1.0,
+        accountant="rdp",
+        n_train=n,
+        batch_size=32,
+        total_steps=total_steps,
     )
 
 
@@ -29,8 +35,9 @@ def test_two_rounds_accumulate_history_and_match_independent_accountant(small_re
     # A fresh model per round, as a rebuilt ClientApp would have: only the history carries.
     model2 = build_model(MODEL, 2, 28)
     set_weights(model2, r1.weights)
-    r2 = local_round(model2, images, labels, plan, steps=3, batch_size=32, history=r1.history,
-                     seed=2)
+    r2 = local_round(
+        model2, images, labels, plan, steps=3, batch_size=32, history=r1.history, seed=2
+    )
     acc = RDPAccountant()
     for _ in range(6):
         acc.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
@@ -57,8 +64,9 @@ def test_round_beyond_budget_is_refused_before_training(small_real):
 def test_dp_off_reports_infinite_epsilon(small_real):
     images, labels = small_real
     plan = make_plan(len(images), enabled=False)
-    r = local_round(build_model(MODEL, 2, 28), images, labels, plan, steps=2, batch_size=32,
-                    history=[], seed=0)
+    r = local_round(
+        build_model(MODEL, 2, 28), images, labels, plan, steps=2, batch_size=32, history=[], seed=0
+    )
     assert math.isinf(r.epsilon) and r.history == []
 
 

@@ -29,7 +29,10 @@ def test_twin_directory_contract(tmp_path):
     images = generate(model, labels, seed=0, batch=5)
     assert images.shape == (12, 28, 28) and images.dtype == np.uint8
     manifest_path = write_twin(
-        tmp_path / "twin", images, labels, class_names=["normal", "pneumonia"],
+        tmp_path / "twin",
+        images,
+        labels,
+        class_names=["normal", "pneumonia"],
         provenance={"privacy": {"epsilon_per_hospital": {"h0": 1.5, "h1": float("inf")}}},
     )
     twin = tmp_path / "twin"
