@@ -1,7 +1,7 @@
 """Class-conditional DCGAN for small grayscale images (28 x 28 by default).
 
-The discriminator has no BatchNorm (Opacus needs per-sample gradients) and uses a
-projection head for the label (Miyato & Koyama 2018). It is the only module that sees real
+The discriminator has no BatchNorm (Opacus needs per-sample gradients) and sees the
+label as one-hot planes stacked on the image. It is the only module that sees real
 images, so it is the one trained with DP-SGD; the generator only learns through it.
 """
 
@@ -41,14 +41,15 @@ class Generator(nn.Module):
         self.embed = nn.Embedding(cfg.n_classes, cfg.latent_dim)
         self.fc = nn.Sequential(
             nn.Linear(2 * cfg.latent_dim, 4 * w * self.base**2),
+            nn.BatchNorm1d(4 * w * self.base**2),
             nn.ReLU(),
         )
         self.up = nn.Sequential(
             nn.ConvTranspose2d(4 * w, 2 * w, 4, stride=2, padding=1),  # base -> 2 base
-            nn.GroupNorm(8, 2 * w),
+            nn.BatchNorm2d(2 * w),
             nn.ReLU(),
             nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1),  # 2 base -> 4 base
-            nn.GroupNorm(8, w),
+            nn.BatchNorm2d(w),
             nn.ReLU(),
             nn.Conv2d(w, 1, 3, padding=1),
             nn.Tanh(),
@@ -60,27 +61,30 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """images ``(N, 1, S, S)``, ``y (N,)`` -> logits ``(N,)``; no BatchNorm (Opacus)."""
+    """images ``(N, 1, S, S)``, ``y (N,)`` -> logits ``(N,)``; no BatchNorm (Opacus).
+
+    The label enters as one-hot planes stacked on the image (as in the original cGAN), so
+    every filter sees it from the first layer.
+    """
 
     def __init__(self, cfg: DCGANConfig):
         super().__init__()
         w = cfg.width
+        self.n_classes = cfg.n_classes
         self.features = nn.Sequential(
-            nn.Conv2d(1, w, 4, stride=2, padding=1),  # S -> S/2
+            nn.Conv2d(1 + cfg.n_classes, w, 4, stride=2, padding=1),  # S -> S/2
             nn.LeakyReLU(0.2),
             nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),  # S/2 -> S/4
             nn.GroupNorm(8, 2 * w),
             nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(2 * w * (cfg.image_size // 4) ** 2, 1),
         )
-        self.out = nn.Linear(2 * w * (cfg.image_size // 4) ** 2, 1)
-        # Projection head on globally pooled features: the label term stays small and cheap.
-        self.embed = nn.Embedding(cfg.n_classes, 2 * w)
-        nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.features(x)
-        projection = (self.embed(y) * h.mean(dim=(2, 3))).sum(dim=1)
-        return self.out(h.flatten(1)).squeeze(1) + projection
+        planes = F.one_hot(y, self.n_classes).to(x.dtype)[:, :, None, None]
+        planes = planes.expand(-1, -1, x.shape[2], x.shape[3])
+        return self.features(torch.cat([x, planes], dim=1)).squeeze(1)
 
 
 class DCGAN(TwinGenerator):
