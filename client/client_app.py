@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -17,10 +18,11 @@ from flwr.clientapp import ClientApp
 from fedtwin import messages
 from fedtwin.data import Hospital
 from fedtwin.models import build_model
-from fedtwin.privacy import plan_privacy
+from fedtwin.privacy import noisy_class_shares, plan_privacy
 from fedtwin.training import local_round, set_weights
 
 PRIVACY_STATE = "privacy-history"
+LABEL_STATE = "label-shares"  # the hospital's noisy class shares, released once
 
 
 def round_seed(seed: int, hospital: str, server_round: int) -> int:
@@ -54,10 +56,22 @@ def make_client_app(cfg: dict, load_hospital: Callable[[Context], Hospital]) -> 
             batch_size=batch,
             # The hospital plans for the rounds it agreed to; the server cannot stretch it.
             total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
+            label_noise=float(priv["label_noise"]),
         )
         history = messages.history_from_record(context.state.get(PRIVACY_STATE))
+        n_classes = len(cfg["data"]["classes"])
+        if LABEL_STATE in context.state:
+            shares = np.asarray(context.state[LABEL_STATE]["shares"], dtype=np.float64)
+        else:
+            # Released once per federation, recorded before anything derived from it leaves.
+            shares = noisy_class_shares(hospital.train.labels, n_classes, plan)
+            if plan.enabled:
+                history = [*history, plan.label_release()]
+            context.state[LABEL_STATE] = ConfigRecord({"shares": shares.tolist()})
+            context.state[PRIVACY_STATE] = messages.history_to_record(history)
 
-        model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
+        model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])
+        model.label_prior = torch.as_tensor(shares, dtype=torch.float32)
         set_weights(model, messages.from_record(msg.content[messages.ARRAYS]))
         result = local_round(
             model,

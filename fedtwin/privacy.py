@@ -1,19 +1,22 @@
 """Privacy planning and accounting (Opacus accountants); no training code in here.
 
-A hospital plans its whole participation up front: sample rate q and total number of
-DP-SGD steps T. The noise multiplier is calibrated so that T steps at rate q land at or
-under the hospital's target epsilon at delta. Every step taken is recorded in an accountant
+A hospital plans its whole participation up front: one release of its class counts with
+Gaussian noise (so generated labels can follow its own label mix) and T DP-SGD steps at
+sample rate q. The noise multiplier is calibrated so that the whole plan lands at or under
+the hospital's target epsilon at delta. Every step taken is recorded in an accountant
 history ``[(noise_multiplier, sample_rate, steps), ...]`` that outlives any one process; the
 epsilon spent is always recomputed from that history, never estimated.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 
+import numpy as np
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 History = list[tuple[float, float, int]]
 
@@ -27,6 +30,7 @@ class PrivacyPlan:
     """What one hospital will spend over the whole federation.
 
     ``noise_multiplier`` is sigma (noise std = sigma * max_grad_norm); 0 when DP is off.
+    ``label_noise`` is the std of the Gaussian noise on the class counts (sensitivity 1).
     """
 
     enabled: bool
@@ -37,6 +41,11 @@ class PrivacyPlan:
     total_steps: int
     noise_multiplier: float
     accountant: str
+    label_noise: float = 0.0
+
+    def label_release(self) -> tuple[float, float, int]:
+        """The class-count release as an accountant history entry: one Gaussian, q = 1."""
+        return (self.label_noise, 1.0, 1)
 
     def describe(self) -> str:
         if not self.enabled:
@@ -44,7 +53,8 @@ class PrivacyPlan:
         return (
             f"DP-SGD: target epsilon {self.target_epsilon:g} at delta {self.delta:g}, "
             f"sigma {self.noise_multiplier:.3f}, C {self.max_grad_norm:g}, "
-            f"q {self.sample_rate:.4f}, {self.total_steps} steps ({self.accountant})"
+            f"q {self.sample_rate:.4f}, {self.total_steps} steps, class counts with noise "
+            f"std {self.label_noise:g} ({self.accountant})"
         )
 
 
@@ -65,11 +75,18 @@ def plan_privacy(
     n_train: int,
     batch_size: int,
     total_steps: int,
+    label_noise: float,
 ) -> PrivacyPlan:
-    """Calibrate sigma so that ``total_steps`` steps land at or under ``epsilon`` at ``delta``."""
+    """Calibrate sigma so that the class-count release (noise std ``label_noise``) and
+    ``total_steps`` steps together land at or under ``epsilon`` at ``delta``."""
     q = sample_rate_for(n_train, batch_size)
     if not enabled:
         return PrivacyPlan(False, math.inf, delta, max_grad_norm, q, total_steps, 0.0, accountant)
+    if label_noise <= 0:
+        raise ValueError(
+            f"privacy.label_noise must be > 0 with DP on (exact class counts would leak), "
+            f"got {label_noise}"
+        )
     if epsilon <= 0 or not 0 < delta < 1:
         raise ValueError(
             f"privacy.epsilon must be > 0 and privacy.delta in (0, 1); got {epsilon}, {delta}"
@@ -80,14 +97,38 @@ def plan_privacy(
             f"privacy.delta={delta:g} is not below 1/n = {1.0 / n_train:g} for a hospital with "
             f"{n_train} training images; lower privacy.delta"
         )
-    sigma = get_noise_multiplier(
-        target_epsilon=epsilon,
-        target_delta=delta,
-        sample_rate=q,
-        steps=total_steps,
-        accountant=accountant,
+    if epsilon_spent([(label_noise, 1.0, 1)], delta, accountant) >= epsilon:
+        raise ValueError(
+            f"privacy.label_noise={label_noise:g} alone spends the whole budget "
+            f"epsilon={epsilon:g}; raise privacy.label_noise"
+        )
+    sigma = _calibrated_sigma(epsilon, delta, q, total_steps, label_noise, accountant)
+    return PrivacyPlan(
+        True, epsilon, delta, max_grad_norm, q, total_steps, sigma, accountant, label_noise
     )
-    return PrivacyPlan(True, epsilon, delta, max_grad_norm, q, total_steps, sigma, accountant)
+
+
+@functools.lru_cache(maxsize=64)  # a node plans again every round with the same numbers
+def _calibrated_sigma(
+    target: float, delta: float, q: float, steps: int, label_noise: float, accountant: str
+) -> float:
+    """Smallest sigma (to 1e-3) whose plan lands at or under ``target``; bisection."""
+
+    def epsilon_at(sigma: float) -> float:
+        return epsilon_spent([(label_noise, 1.0, 1), (sigma, q, steps)], delta, accountant)
+
+    low, high = 0.0, 10.0
+    while epsilon_at(high) > target:
+        high *= 2
+        if high > 1e6:
+            raise ValueError(f"no noise level reaches epsilon {target:g}; check the plan")
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        if epsilon_at(mid) > target:
+            low = mid
+        else:
+            high = mid
+    return high
 
 
 def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> float:
@@ -112,3 +153,19 @@ def check_budget(plan: PrivacyPlan, history: History, steps: int) -> float:
             f"{plan.target_epsilon:g} (spent so far {spent:.3f} at delta {plan.delta:g})"
         )
     return projected
+
+
+def noisy_class_shares(labels: np.ndarray, n_classes: int, plan: PrivacyPlan) -> np.ndarray:
+    """Class probabilities ``(n_classes,)`` from the hospital's labels, DP when the plan is.
+
+    Counts get Gaussian noise of std ``plan.label_noise`` (one image changes one count by 1)
+    drawn from OS randomness; the caller records ``plan.label_release()`` in the history
+    before anything derived from it leaves the hospital. Each class keeps a share of at
+    least one image so no class is never generated.
+    """
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    if plan.enabled:
+        rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+        counts = counts + rng.normal(0.0, plan.label_noise, size=n_classes)
+    counts = np.maximum(counts, 1.0)
+    return counts / counts.sum()

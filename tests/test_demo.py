@@ -63,8 +63,11 @@ def test_reported_epsilon_equals_independent_accountant(demo_run, data_path):
             n_train=len(h.train),
             batch_size=fed["batch_size"],
             total_steps=steps,
+            label_noise=priv["label_noise"],
         )
         accountant = RDPAccountant()
+        # the class-count release (once), then every DP-SGD step
+        accountant.step(noise_multiplier=plan.label_noise, sample_rate=1.0)
         for _ in range(steps):
             accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
         independent = accountant.get_epsilon(delta=priv["delta"])

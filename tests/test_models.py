@@ -8,7 +8,7 @@ from fedtwin.models import DCGAN, build_model
 
 
 def model(**kw) -> DCGAN:
-    return build_model({"name": "dcgan", "latent_dim": 16, "width": 8, **kw}, 3, 28)
+    return build_model({"name": "dcgan", "latent_dim": 16, "g_width": 8, "d_width": 8, **kw}, 3, 28)
 
 
 def test_sample_shape_and_range():

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -9,6 +10,7 @@ from fedtwin.privacy import (
     BudgetExceeded,
     check_budget,
     epsilon_spent,
+    noisy_class_shares,
     plan_privacy,
     sample_rate_for,
 )
@@ -24,6 +26,7 @@ def plan(**kw):
         n_train=940,
         batch_size=128,
         total_steps=200,
+        label_noise=10.0,
     )
     return plan_privacy(**{**args, **kw})
 
@@ -37,7 +40,7 @@ def test_sample_rate_matches_opacus_loader_rule():
 def test_full_plan_lands_at_or_under_target(accountant, cls):
     p = plan(accountant=accountant)
     acc = cls()
-    acc.history = [(p.noise_multiplier, p.sample_rate, p.total_steps)]
+    acc.history = [p.label_release(), (p.noise_multiplier, p.sample_rate, p.total_steps)]
     eps = acc.get_epsilon(delta=p.delta)
     assert eps <= p.target_epsilon
     assert eps > 0.9 * p.target_epsilon  # calibrated, not simply over-noised
@@ -58,10 +61,11 @@ def test_more_noise_for_more_steps():
 
 def test_budget_refuses_steps_beyond_the_plan():
     p = plan(total_steps=100)
-    history = [(p.noise_multiplier, p.sample_rate, 100)]
+    history = [p.label_release(), (p.noise_multiplier, p.sample_rate, 100)]
     with pytest.raises(BudgetExceeded, match="budget 10"):
         check_budget(p, history, 10)
-    assert check_budget(p, [(p.noise_multiplier, p.sample_rate, 90)], 10) <= 10.0
+    history = [p.label_release(), (p.noise_multiplier, p.sample_rate, 90)]
+    assert check_budget(p, history, 10) <= 10.0
 
 
 def test_dp_off_is_infinite_and_never_refused():
@@ -74,3 +78,20 @@ def test_dp_off_is_infinite_and_never_refused():
 def test_delta_must_be_below_one_over_n():
     with pytest.raises(ValueError, match="privacy.delta"):
         plan(delta=0.01, n_train=940)
+
+
+def test_label_noise_is_required_and_must_leave_budget():
+    with pytest.raises(ValueError, match="label_noise"):
+        plan(label_noise=0.0)
+    with pytest.raises(ValueError, match="alone spends the whole budget"):
+        plan(label_noise=0.1, epsilon=1.0)
+
+
+def test_class_shares_exact_without_dp_noisy_with_dp():
+    labels = np.array([0] * 300 + [1] * 100 + [2] * 0)
+    exact = noisy_class_shares(labels, 3, plan(enabled=False))
+    assert exact.tolist() == pytest.approx([300 / 401, 100 / 401, 1 / 401])
+    draws = np.array([noisy_class_shares(labels, 3, plan(label_noise=10.0)) for _ in range(200)])
+    assert np.allclose(draws.sum(axis=1), 1.0) and (draws > 0).all()
+    assert not np.allclose(draws[0], draws[1])  # fresh noise each release
+    assert draws.mean(axis=0)[0] == pytest.approx(0.75, abs=0.02)

@@ -10,7 +10,7 @@ from fedtwin.models import build_model
 from fedtwin.privacy import BudgetExceeded, plan_privacy
 from fedtwin.training import get_weights, local_round, set_weights
 
-MODEL = {"name": "dcgan", "latent_dim": 16, "width": 8, "d_steps": 1}
+MODEL = {"name": "dcgan", "latent_dim": 16, "g_width": 8, "d_width": 8, "d_steps": 1}
 
 
 def make_plan(n, enabled=True, total_steps=6):
@@ -23,6 +23,7 @@ def make_plan(n, enabled=True, total_steps=6):
         n_train=n,
         batch_size=32,
         total_steps=total_steps,
+        label_noise=10.0,
     )
 
 

@@ -24,7 +24,7 @@ def test_label_mix_balanced_and_bad_mode():
 
 
 def test_twin_directory_contract(tmp_path):
-    model = build_model({"name": "dcgan", "latent_dim": 8, "width": 8}, 2, 28)
+    model = build_model({"name": "dcgan", "latent_dim": 8, "g_width": 8, "d_width": 8}, 2, 28)
     labels = label_mix(np.array([1, 3]), 12, "federation", 0)
     images = generate(model, labels, seed=0, batch=5)
     assert images.shape == (12, 28, 28) and images.dtype == np.uint8

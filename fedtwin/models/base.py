@@ -44,11 +44,38 @@ class DPTrainable(nn.Module, ABC):
         """One step on a Poisson-sampled batch ``real (B, 1, H, W)``, ``labels (B,)``.
 
         ``private`` is the (possibly Opacus-wrapped) private module; it must be used in
-        place of ``private_module()``. Anything data-independent that the step adds to the
-        private module's batch (fake images, say) must have a fixed size, here
-        ``expected_batch``, so that one real image changes at most one clipped gradient.
-        Exactly one ``private_opt.step()`` per call. Returns scalar losses for logging.
+        place of ``private_module()``. Only the loss on real images may go through the
+        per-sample path; gradients of data-independent terms (the discriminator's loss on
+        generated images, say) go to ``private_step`` as ``public_grads``. The batch may be
+        empty (Poisson sampling). ``expected_batch`` is the mean real batch size. Exactly one
+        ``private_step`` per call. Returns scalar losses for logging.
         """
+
+
+def private_step(
+    optimizer: torch.optim.Optimizer, public_grads: dict[nn.Parameter, torch.Tensor]
+) -> None:
+    """Update the private module: DP-SGD on the real-data gradient, public gradients added.
+
+    With DP on, ``optimizer`` is Opacus' ``DPOptimizer``: its ``pre_step`` clips the
+    per-sample gradients of the real images, adds the calibrated noise, averages and counts
+    the step for the accountant. ``public_grads`` are gradients of terms that depend on no
+    real image (they are computed from the already-private weights and fresh random
+    numbers: post-processing), so they are added exactly, without clipping or noise.
+    Clipping them together with the real ones would bias the discriminator: generated
+    images from a near-collapsed generator have aligned gradients that survive clipping
+    while the diverse real ones partly cancel.
+    """
+    from opacus.optimizers import DPOptimizer
+
+    inner = optimizer
+    if isinstance(optimizer, DPOptimizer):
+        if not optimizer.pre_step():  # a skipped (virtual) step: nothing to apply
+            return
+        inner = optimizer.original_optimizer
+    for p, g in public_grads.items():
+        p.grad = g.clone() if p.grad is None else p.grad + g
+    inner.step()
 
 
 class TwinGenerator(DPTrainable):
@@ -57,6 +84,10 @@ class TwinGenerator(DPTrainable):
     name: str
     n_classes: int
     image_size: int
+    # Class probabilities (n_classes,) for the labels drawn while training: the hospital's
+    # noisy label mix, so its discriminator is not taught to reject classes it holds no
+    # real images of. None = uniform.
+    label_prior: torch.Tensor | None = None
 
     @abstractmethod
     @torch.no_grad()

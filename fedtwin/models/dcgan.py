@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtwin.models.base import TwinGenerator
+from fedtwin.models.base import TwinGenerator, private_step
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,14 @@ class DCGANConfig:
     n_classes: int = 2
     image_size: int = 28
     latent_dim: int = 64
-    width: int = 32
+    g_width: int = 16  # generator base channels
+    d_width: int = 32  # discriminator base channels
     lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
+    lr_d: float = 1e-3
+    beta1: float = 0.9
     beta2: float = 0.999
-    d_steps: int = 5  # discriminator steps per generator step (DP needs a stronger D)
+    d_steps: int = 1  # discriminator (DP) steps per generator step
+    mode_seeking: float = 0.2  # weight of the mode-seeking term that keeps G from collapsing
 
 
 class Generator(nn.Module):
@@ -37,7 +39,7 @@ class Generator(nn.Module):
         if cfg.image_size % 4:
             raise ValueError(f"data.image_size must be a multiple of 4, got {cfg.image_size}")
         self.base = cfg.image_size // 4
-        w = cfg.width
+        w = cfg.g_width
         self.embed = nn.Embedding(cfg.n_classes, cfg.latent_dim)
         self.fc = nn.Sequential(
             nn.Linear(2 * cfg.latent_dim, 4 * w * self.base**2),
@@ -69,13 +71,12 @@ class Discriminator(nn.Module):
 
     def __init__(self, cfg: DCGANConfig):
         super().__init__()
-        w = cfg.width
+        w = cfg.d_width
         self.n_classes = cfg.n_classes
         self.features = nn.Sequential(
             nn.Conv2d(1 + cfg.n_classes, w, 4, stride=2, padding=1),  # S -> S/2
             nn.LeakyReLU(0.2),
             nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),  # S/2 -> S/4
-            nn.GroupNorm(8, 2 * w),
             nn.LeakyReLU(0.2),
             nn.Flatten(),
             nn.Linear(2 * w * (cfg.image_size // 4) ** 2, 1),
@@ -112,22 +113,36 @@ class DCGAN(TwinGenerator):
 
     def _fake(self, n: int, rng: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, self.cfg.latent_dim, generator=rng).to(device)
-        y = torch.randint(0, self.n_classes, (n,), generator=rng).to(device)
+        y = self._labels(n, rng).to(device)
         return self.generator(z, y), y
+
+    def _labels(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        if self.label_prior is None:
+            return torch.randint(0, self.n_classes, (n,), generator=rng)
+        return torch.multinomial(self.label_prior, n, replacement=True, generator=rng)
 
     def train_step(self, private, real, labels, private_opt, other_opts, expected_batch, rng):
         device = real.device
         (opt_g,) = other_opts
-        # Discriminator: one private forward over real and a fixed-size fake batch.
+        # Discriminator. Generated images are data-independent: their gradient is exact.
         with torch.no_grad():
             fake, fake_y = self._fake(expected_batch, rng, device)
-        x = torch.cat([real, fake])
-        y = torch.cat([labels, fake_y])
-        target = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).to(device)
+        params = [p for p in private.parameters() if p.requires_grad]
+        _set_hooks(private, enabled=False)
+        loss_fake = F.binary_cross_entropy_with_logits(
+            private(fake, fake_y), torch.zeros(len(fake), device=device)
+        )
+        fake_grads = dict(zip(params, torch.autograd.grad(loss_fake, params)))
+        _set_hooks(private, enabled=True)
+        # Real images: per-sample gradients, clipped and noised by the DP optimizer.
         private_opt.zero_grad(set_to_none=True)
-        loss_d = F.binary_cross_entropy_with_logits(private(x, y), target)
-        loss_d.backward()
-        private_opt.step()
+        logits = private(real, labels)
+        loss_real = F.binary_cross_entropy_with_logits(
+            logits, torch.ones(len(real), device=device), reduction="sum"
+        ) / max(1, len(real))  # an empty Poisson batch gives 0, not NaN
+        loss_real.backward()
+        private_step(private_opt, fake_grads)
+        loss_d = loss_real + loss_fake
         self._d_steps_done += 1
         if self._d_steps_done % self.cfg.d_steps:
             return {"loss_d": loss_d.item()}
@@ -135,15 +150,32 @@ class DCGAN(TwinGenerator):
         # Generator: learns only through the (already private) discriminator.
         _set_hooks(private, enabled=False)
         opt_g.zero_grad(set_to_none=True)
-        fake, fake_y = self._fake(expected_batch, rng, device)
-        loss_g = F.binary_cross_entropy_with_logits(
-            private(fake, fake_y), torch.ones(len(fake), device=device)
-        )
+        loss_g = self._generator_loss(private, expected_batch, rng, device)
         loss_g.backward()
         opt_g.step()
         private_opt.zero_grad(set_to_none=True)
         _set_hooks(private, enabled=True)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
+
+    def _generator_loss(self, private, n: int, rng: torch.Generator, device) -> torch.Tensor:
+        """Non-saturating GAN loss plus the mode-seeking term (Mao et al., 2019).
+
+        The batch is two halves with the same labels and different noise; the term grows
+        when two noise vectors give nearly the same image, which is what collapse looks like.
+        It touches no real data, so it costs no privacy.
+        """
+        half = max(1, n // 2)
+        z = torch.randn(2 * half, self.cfg.latent_dim, generator=rng).to(device)
+        y = self._labels(half, rng).repeat(2).to(device)
+        fake = self.generator(z, y)
+        loss = F.binary_cross_entropy_with_logits(
+            private(fake, y), torch.ones(len(fake), device=device)
+        )
+        if self.cfg.mode_seeking > 0:
+            image_gap = (fake[:half] - fake[half:]).abs().mean(dim=(1, 2, 3))
+            noise_gap = (z[:half] - z[half:]).abs().mean(dim=1)
+            loss = loss + self.cfg.mode_seeking / ((image_gap / noise_gap).mean() + 1e-5)
+        return loss
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
