@@ -132,7 +132,7 @@ class DCGAN(TwinGenerator):
         loss_fake = F.binary_cross_entropy_with_logits(
             private(fake, fake_y), torch.zeros(len(fake), device=device)
         )
-        fake_grads = dict(zip(params, torch.autograd.grad(loss_fake, params)))
+        fake_grads = dict(zip(params, torch.autograd.grad(loss_fake, params), strict=True))
         _set_hooks(private, enabled=True)
         # Real images: per-sample gradients, clipped and noised by the DP optimizer.
         private_opt.zero_grad(set_to_none=True)

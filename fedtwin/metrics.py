@@ -1,0 +1,220 @@
+"""How useful and how faithful a twin is, measured on real held-out data.
+
+- TSTR (train on synthetic, test on real): a small CNN trained only on the twin, scored on
+  the real val split. TRTR: the same CNN trained on the real training images, same run.
+- Fréchet distance between Gaussians fitted to features of the penultimate layer of a CNN
+  trained on real training images. Not Inception FID: Inception features say little about
+  28 x 28 chest X-rays. Its floor is the distance between real train and real val.
+
+Images are uint8 ``(N, H, W)``; labels int ``(N,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm import tqdm
+
+from fedtwin.training import to_tensor
+
+Data = tuple[np.ndarray, np.ndarray]  # images uint8 (N, H, W), labels (N,)
+
+FEATURE_SPACE = (
+    "penultimate layer (64 features) of a small CNN trained on the real train split; "
+    "not Inception FID"
+)
+
+
+class Classifier(nn.Module):
+    """``(N, 1, S, S)`` in [-1, 1] -> logits ``(N, n_classes)``; GroupNorm, so Opacus takes it."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.GroupNorm(8, 32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.GroupNorm(8, 64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(64, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, S, S)`` -> ``(N, 64)``."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _shift(x: torch.Tensor, rng: torch.Generator, pixels: int = 2) -> torch.Tensor:
+    """Random translation by up to ``pixels`` (one shift per batch): light augmentation."""
+    dx, dy = (int(v) for v in torch.randint(-pixels, pixels + 1, (2,), generator=rng))
+    padded = F.pad(x, (pixels, pixels, pixels, pixels), mode="replicate")
+    h, w = x.shape[2:]
+    return padded[:, :, pixels + dy : pixels + dy + h, pixels + dx : pixels + dx + w]
+
+
+def train_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = False,
+    desc: str = "classifier",
+) -> Classifier:
+    """Adam on class-balanced cross-entropy (classes absent from ``labels`` weigh 0)."""
+    torch.manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
+    model = Classifier(n_classes)
+    x, y = to_tensor(images), torch.as_tensor(labels, dtype=torch.long)
+    counts = torch.bincount(y, minlength=n_classes).float()
+    weight = torch.where(counts > 0, len(y) / (n_classes * counts.clamp(min=1)), 0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+        order = torch.randperm(len(y), generator=rng)
+        for start in range(0, len(y), batch_size):
+            idx = order[start : start + batch_size]
+            loss = F.cross_entropy(model(_shift(x[idx], rng)), y[idx], weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_proba(model: Classifier, images: np.ndarray, batch: int = 512) -> np.ndarray:
+    """uint8 ``(N, H, W)`` -> class probabilities ``(N, n_classes)``."""
+    model.eval()
+    x = to_tensor(images)
+    return torch.cat(
+        [F.softmax(model(x[i : i + batch]), 1) for i in range(0, len(x), batch)]
+    ).numpy()
+
+
+@torch.no_grad()
+def features(model: Classifier, images: np.ndarray, batch: int = 512) -> np.ndarray:
+    """uint8 ``(N, H, W)`` -> penultimate features ``(N, 64)`` float64."""
+    model.eval()
+    x = to_tensor(images)
+    out = [model.features(x[i : i + batch]) for i in range(0, len(x), batch)]
+    return torch.cat(out).double().numpy()
+
+
+def classification_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """AUC (binary: of class 1; else one-vs-rest macro) and accuracy of ``probs (N, K)``."""
+    if probs.shape[1] == 2:
+        auc = roc_auc_score(labels, probs[:, 1])
+    else:
+        auc = roc_auc_score(labels, probs, multi_class="ovr", labels=list(range(probs.shape[1])))
+    return {"auc": float(auc), "acc": float(np.mean(probs.argmax(1) == labels))}
+
+
+def _summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    aucs = [r["auc"] for r in per_seed]
+    accs = [r["acc"] for r in per_seed]
+    return {
+        "auc_mean": float(np.mean(aucs)),
+        "auc_std": float(np.std(aucs)),
+        "acc_mean": float(np.mean(accs)),
+        "acc_std": float(np.std(accs)),
+        "per_seed": per_seed,
+    }
+
+
+def tstr_trtr(
+    twin: Data, real_train: Data, val: Data, eval_cfg: Mapping, n_classes: int, progress=False
+) -> dict[str, Any]:
+    """TSTR and TRTR over ``eval_cfg.seeds``: the same classifier, recipe and val split."""
+    out = {}
+    for name, (images, labels) in (("tstr", twin), ("trtr", real_train)):
+        runs = []
+        for seed in eval_cfg["seeds"]:
+            model = train_classifier(
+                images,
+                labels,
+                n_classes,
+                epochs=int(eval_cfg["epochs"]),
+                batch_size=int(eval_cfg["batch_size"]),
+                lr=float(eval_cfg["lr"]),
+                seed=int(seed),
+                progress=progress,
+                desc=f"{name.upper()} seed {seed}",
+            )
+            runs.append(
+                {"seed": int(seed), **classification_scores(predict_proba(model, val[0]), val[1])}
+            )
+        out[name] = _summarise(runs)
+    return out
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to ``a (N, D)`` and ``b (M, D)``."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    # a tiny ridge keeps sqrtm stable when some features are constant (dead ReLUs)
+    ridge = 1e-6 * np.eye(a.shape[1])
+    cov_a, cov_b = np.cov(a, rowvar=False) + ridge, np.cov(b, rowvar=False) + ridge
+    root = linalg.sqrtm(cov_a @ cov_b)
+    root = np.real(root)  # numerical noise can add a tiny imaginary part
+    value = np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * root)
+    return float(max(value, 0.0))
+
+
+def frechet_report(
+    twin: Data, real_train: Data, val: Data, eval_cfg: Mapping, n_classes: int, progress=False
+) -> dict[str, Any]:
+    """Twin vs val and vs train, with real train vs val as the floor; per class too."""
+    model = train_classifier(
+        *real_train,
+        n_classes,
+        epochs=int(eval_cfg["feature_epochs"]),
+        batch_size=int(eval_cfg["batch_size"]),
+        lr=float(eval_cfg["lr"]),
+        seed=int(eval_cfg["seeds"][0]),
+        progress=progress,
+        desc="feature CNN",
+    )
+    f_twin, f_train, f_val = (features(model, d[0]) for d in (twin, real_train, val))
+    per_class = {}
+    for c in range(n_classes):
+        t, v = f_twin[twin[1] == c], f_val[val[1] == c]
+        if len(t) >= 2 and len(v) >= 2:
+            per_class[str(c)] = frechet_distance(t, v)
+    return {
+        "feature_space": FEATURE_SPACE,
+        "twin_vs_val": frechet_distance(f_twin, f_val),
+        "twin_vs_train": frechet_distance(f_twin, f_train),
+        "train_vs_val_floor": frechet_distance(f_train, f_val),
+        "per_class_twin_vs_val": per_class,
+    }
+
+
+def evaluate_twin(
+    twin: Data, real_train: Data, val: Data, eval_cfg: Mapping, *, n_classes: int, progress=False
+) -> dict[str, Any]:
+    """TSTR, TRTR and Fréchet distances of a twin; see the module docstring."""
+    result = tstr_trtr(twin, real_train, val, eval_cfg, n_classes, progress)
+    result["frechet"] = frechet_report(twin, real_train, val, eval_cfg, n_classes, progress)
+    return result

@@ -1,0 +1,68 @@
+"""fedtwin.metrics: Fréchet distance, scores, classifier training, TSTR/TRTR."""
+
+import numpy as np
+import pytest
+
+from fedtwin.metrics import (
+    classification_scores,
+    evaluate_twin,
+    frechet_distance,
+    predict_proba,
+    train_classifier,
+)
+
+EVAL = {"seeds": [0], "epochs": 3, "batch_size": 64, "lr": 1e-3, "feature_epochs": 2}
+
+
+def test_frechet_is_zero_for_same_set_and_analytic_for_shifted_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = np.array([1.0, 2.0, 0.0])
+    # same covariance, means differ by `shift`: distance = |shift|^2
+    assert frechet_distance(a, a + shift) == pytest.approx(5.0, rel=1e-6)
+    b = rng.normal(size=(4000, 3)) * 2.0  # cov 4I vs I: trace term = 3 * (1 + 4 - 4) = 3
+    assert frechet_distance(a, b) == pytest.approx(3.0, rel=0.1)
+
+
+def test_scores_on_known_probabilities():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55]])
+    labels = np.array([0, 1, 1, 0])
+    s = classification_scores(probs, labels)
+    assert s["acc"] == pytest.approx(0.5)
+    assert s["auc"] == pytest.approx(0.75)  # 3 of the 4 (pos, neg) pairs ranked right
+
+
+def test_classifier_learns_and_is_deterministic(small_real):
+    images, labels = small_real
+    train, test = slice(0, 220), slice(220, 300)
+    kw = dict(epochs=10, batch_size=32, lr=2e-3, seed=1)
+    m1 = train_classifier(images[train], labels[train], 2, **kw)
+    m2 = train_classifier(images[train], labels[train], 2, **kw)
+    p1, p2 = predict_proba(m1, images[test]), predict_proba(m2, images[test])
+    assert np.array_equal(p1, p2)
+    assert classification_scores(p1, labels[test])["auc"] > 0.75
+
+
+def test_noise_twin_scores_worse_than_real_and_sits_above_the_floor(small_real):
+    images, labels = small_real
+    real_train, val = (images[:200], labels[:200]), (images[200:], labels[200:])
+    noise = np.random.default_rng(0).integers(0, 256, size=(200, 28, 28), dtype=np.uint8)
+    result = evaluate_twin((noise, labels[:200]), real_train, val, EVAL, n_classes=2)
+    assert result["tstr"]["auc_mean"] < result["trtr"]["auc_mean"]
+    assert result["trtr"]["auc_mean"] > 0.75
+    fr = result["frechet"]
+    assert fr["twin_vs_val"] > 3 * fr["train_vs_val_floor"]
+    assert "not Inception" in fr["feature_space"]
+
+
+def test_twin_missing_a_class_does_not_crash(small_real):
+    images, labels = small_real
+    only_pneumonia = labels[:200] == 1
+    twin = (images[:200][only_pneumonia], labels[:200][only_pneumonia])
+    result = evaluate_twin(
+        twin, (images[:200], labels[:200]), (images[200:], labels[200:]), EVAL, n_classes=2
+    )
+    assert 0.0 <= result["tstr"]["auc_mean"] <= 1.0
+    assert "1" in result["frechet"]["per_class_twin_vs_val"]
+    assert "0" not in result["frechet"]["per_class_twin_vs_val"]

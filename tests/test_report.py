@@ -1,0 +1,82 @@
+"""fedtwin.report: the self-contained HTML report."""
+
+import base64
+import math
+import re
+
+import numpy as np
+
+from fedtwin.report import image_grid, write_report
+
+EVALUATION = {
+    "tstr": {
+        "auc_mean": 0.912,
+        "auc_std": 0.01,
+        "acc_mean": 0.85,
+        "acc_std": 0.02,
+        "per_seed": [{}, {}, {}],
+    },
+    "trtr": {"auc_mean": 0.97, "auc_std": 0.0, "acc_mean": 0.9, "acc_std": 0.0, "per_seed": [{}]},
+    "frechet": {
+        "feature_space": "CNN features; not Inception FID",
+        "twin_vs_val": 12.5,
+        "twin_vs_train": 11.0,
+        "train_vs_val_floor": 1.25,
+    },
+}
+
+
+def report(tmp_path, **kw):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 1] * 20)
+    args = dict(
+        real_val=(imgs, labels),
+        twin=(imgs[::-1], labels),
+        class_names=["normal", "pneumonia"],
+        epsilons={"hospital-0": 9.87654, "hospital-1": 4.5},
+        delta=1e-5,
+        dp_enabled=True,
+        losses=[{"round": 1, "loss_d": 1.3, "loss_g": 0.9}, {"round": 2, "loss_d": math.nan}],
+        evaluation=EVALUATION,
+        config={"seed": 0},
+        wall_time_s=125.0,
+        notes=["a note"],
+    )
+    args.update(kw)
+    return write_report(tmp_path / "report.html", **args).read_text()
+
+
+def test_report_shows_privacy_and_utility(tmp_path):
+    page = report(tmp_path)
+    for text in ("hospital-0", "9.877", "4.500", "0.912", "0.970", "12.500", "1.250", "2 min 5 s"):
+        assert text in page
+    assert "DP off" not in page
+    assert "not Inception FID" in page
+
+
+def test_dp_off_is_flagged(tmp_path):
+    page = report(tmp_path, dp_enabled=False, epsilons={"hospital-0": math.inf})
+    assert "DP off" in page and "ε = ∞" in page
+    assert "inf" not in page.split("<h2>Utility")[0].split("<h2>Privacy")[1]
+
+
+def test_user_strings_are_escaped_and_images_are_png(tmp_path):
+    page = report(tmp_path, class_names=["<script>x</script>", "b"])
+    assert "<script>x" not in page and "&lt;script&gt;" in page
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(uris) == 5  # 2 classes x (real, twin) + the loss plot
+    assert all(base64.b64decode(u)[:8] == b"\x89PNG\r\n\x1a\n" for u in uris)
+
+
+def test_missing_evaluation_keys_show_na(tmp_path):
+    page = report(tmp_path, evaluation={"tstr": {}})
+    assert "n/a" in page
+
+
+def test_image_grid_tiles_row_major_and_pads():
+    imgs = np.stack([np.full((2, 3), i + 1, np.uint8) for i in range(5)])
+    grid = image_grid(imgs, cols=2)
+    assert grid.shape == (6, 6)
+    assert grid[0, 0] == 1 and grid[0, 3] == 2 and grid[2, 0] == 3 and grid[4, 0] == 5
+    assert (grid[4:, 3:] == 0).all()
