@@ -78,3 +78,23 @@ def test_set_weights_rejects_wrong_shape():
     w[name] = np.zeros((1, 2, 3), np.float32)
     with pytest.raises(ValueError, match="shape"):
         set_weights(model, w)
+
+
+def test_tiny_hospital_with_empty_poisson_batches_trains(small_real):
+    """8 images at sample rate 1/8: many batches are empty; weights stay finite."""
+    images, labels = small_real[0][:8], small_real[1][:8]
+    model = build_model(MODEL, 2, 28)
+    plan = plan_privacy(
+        enabled=True,
+        epsilon=50.0,
+        delta=1e-3,
+        max_grad_norm=1.0,
+        accountant="rdp",
+        n_train=8,
+        batch_size=1,
+        total_steps=30,
+        label_noise=10.0,
+    )
+    result = local_round(model, images, labels, plan, steps=30, batch_size=1, history=[], seed=0)
+    assert result.steps == 30 and result.epsilon <= 50.0
+    assert all(np.isfinite(w).all() for w in result.weights.values())

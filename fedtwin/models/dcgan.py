@@ -126,7 +126,7 @@ class DCGAN(TwinGenerator):
         (opt_g,) = other_opts
         # Discriminator. Generated images are data-independent: their gradient is exact.
         with torch.no_grad():
-            fake, fake_y = self._fake(expected_batch, rng, device)
+            fake, fake_y = self._fake(max(2, expected_batch), rng, device)  # BatchNorm needs 2
         params = [p for p in private.parameters() if p.requires_grad]
         _set_hooks(private, enabled=False)
         loss_fake = F.binary_cross_entropy_with_logits(
