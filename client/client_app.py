@@ -22,12 +22,18 @@ from fedtwin.privacy import noisy_class_shares, plan_privacy
 from fedtwin.training import local_round, set_weights
 
 PRIVACY_STATE = "privacy-history"
+OPTIMIZER_STATE = "optimizer-state"  # Adam moments, local only: the next round resumes them
 LABEL_STATE = "label-shares"  # the hospital's noisy class shares, released once
 
 
 def round_seed(seed: int, hospital: str, server_round: int) -> int:
     digest = hashlib.sha256(f"{seed}:{hospital}:{server_round}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def _optimizer_state(context: Context) -> bytes:
+    record = context.state.get(OPTIMIZER_STATE)
+    return bytes(record["state"]) if record is not None else b""
 
 
 def make_client_app(cfg: dict, load_hospital: Callable[[Context], Hospital]) -> ClientApp:
@@ -83,9 +89,11 @@ def make_client_app(cfg: dict, load_hospital: Callable[[Context], Hospital]) -> 
             history=history,
             seed=round_seed(int(cfg["seed"]), hospital.name, int(server["server-round"])),
             device=str(cfg.get("device_resolved", "cpu")),
+            optimizer_state=_optimizer_state(context),
         )
         # Record the privacy spent before the weights leave this node.
         context.state[PRIVACY_STATE] = messages.history_to_record(result.history)
+        context.state[OPTIMIZER_STATE] = ConfigRecord({"state": result.optimizer_state})
         content = RecordDict(
             {
                 messages.ARRAYS: messages.to_record(result.weights),

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

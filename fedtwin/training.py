@@ -6,6 +6,7 @@ tested and benchmarked alone.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -33,11 +34,12 @@ class RoundResult:
     steps: int
     num_examples: int
     losses: dict[str, float] = field(default_factory=dict)
+    optimizer_state: bytes = b""  # the hospital's optimizer moments, kept for its next round
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, H, W)`` -> float ``(N, 1, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(images).float().div(127.5).sub(1.0).unsqueeze(1)
+    return torch.tensor(images, dtype=torch.float32).div(127.5).sub(1.0).unsqueeze(1)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -95,6 +97,7 @@ def local_round(
     history: History,
     seed: int,
     device: str = "cpu",
+    optimizer_state: bytes = b"",
 ) -> RoundResult:
     """Run ``steps`` local steps on one hospital's training images ``(N, H, W)`` uint8.
 
@@ -102,11 +105,18 @@ def local_round(
     ``plan.max_grad_norm`` and Gaussian noise ``plan.noise_multiplier`` on the private
     module, every step recorded on top of ``history``. Refuses (BudgetExceeded) before
     touching the data if the steps would pass the hospital's budget.
+
+    ``optimizer_state`` (from the previous round's result) restores the optimizers'
+    moments: they are computed from noisy gradients only and never leave the hospital.
     """
     check_budget(plan, history, steps)
     model.to(device).train()
     data = TensorDataset(to_tensor(images), torch.as_tensor(labels, dtype=torch.long))
     private_opt, other_opts = model.make_optimizers()
+    if optimizer_state:
+        states = torch.load(io.BytesIO(optimizer_state), map_location=device, weights_only=True)
+        for opt, state in zip([private_opt, *other_opts], states, strict=True):
+            opt.load_state_dict(state)
     private = model.private_module()
     rng = torch.Generator().manual_seed(seed)  # the data-independent fakes: reproducible
     expected_batch = max(1, round(plan.sample_rate * len(data)))
@@ -171,6 +181,8 @@ def local_round(
     else:
         new_history, epsilon = list(history), math.inf
     model.cpu()
+    buffer = io.BytesIO()
+    torch.save([opt.state_dict() for opt in [private_opt, *other_opts]], buffer)
     return RoundResult(
         weights=get_weights(model),
         history=new_history,
@@ -178,4 +190,5 @@ def local_round(
         steps=steps,
         num_examples=len(data),
         losses={k: v / counts[k] for k, v in sums.items()},
+        optimizer_state=buffer.getvalue(),
     )

@@ -14,7 +14,7 @@ from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
 
@@ -22,10 +22,25 @@ from fedtwin import messages
 from fedtwin.jsonio import write_json
 
 
+def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """One line per round across hospitals: the largest epsilon (an average of epsilons
+    means nothing; -1 if DP is off anywhere) and example-weighted mean losses."""
+    metrics = [r[messages.METRICS] for r in records]
+    eps = [float(m["epsilon"]) for m in metrics]
+    out = {"epsilon-max": -1.0 if min(eps) < 0 else max(eps)}
+    total = sum(float(m[weighting_key]) for m in metrics)
+    for key in ("loss_d", "loss_g", "loss"):
+        pairs = [(float(m[key]), float(m[weighting_key])) for m in metrics if key in m]
+        if pairs and total > 0:
+            out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    return MetricRecord(out)
+
+
 class TwinFedAvg(FedAvg):
     """FedAvg that logs per-hospital metrics and checkpoints every round into ``out``."""
 
     def __init__(self, out: Path, **kwargs):
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         super().__init__(**kwargs)
         self.out = Path(out)
         self.rounds: list[dict] = []

@@ -98,3 +98,27 @@ def test_tiny_hospital_with_empty_poisson_batches_trains(small_real):
     result = local_round(model, images, labels, plan, steps=30, batch_size=1, history=[], seed=0)
     assert result.steps == 30 and result.epsilon <= 50.0
     assert all(np.isfinite(w).all() for w in result.weights.values())
+
+
+def test_optimizer_moments_carry_over_between_rounds(small_real):
+    import io
+
+    import torch
+
+    images, labels = small_real
+    model = build_model(MODEL, 2, 28)
+    plan = make_plan(len(images), total_steps=6)
+    first = local_round(model, images, labels, plan, steps=3, batch_size=32, history=[], seed=0)
+    second = local_round(
+        model,
+        images,
+        labels,
+        plan,
+        steps=3,
+        batch_size=32,
+        history=first.history,
+        seed=1,
+        optimizer_state=first.optimizer_state,
+    )
+    d_state = torch.load(io.BytesIO(second.optimizer_state), weights_only=True)[0]["state"]
+    assert int(next(iter(d_state.values()))["step"]) == 6  # 3 + 3 Adam steps on D

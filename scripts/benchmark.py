@@ -1,0 +1,242 @@
+"""Benchmark fedtwin and write the figures to one JSON file.
+
+  (a) the demo's setting: 4 hospitals, Dirichlet alpha 0.5, epsilon 10, delta 1e-5:
+      TSTR/TRTR on val, Fréchet distance, wall time (runs the `fedtwin demo` command)
+  (b) the same generator and plan trained centrally: one hospital holding all the data
+  (c) the baseline a twin must beat: a DP-SGD classifier trained federated at the same
+      epsilon directly on the real data (same hospitals)
+  (d) throughput: DP vs non-DP local training samples/s for the same model, generation
+      images/s, DICOM files written/s
+
+Usage: python scripts/benchmark.py --out runs/benchmark.json [--quick] [--parts a,b,c,d]
+       [hydra overrides...]. Each part is written as soon as it ends; a failed part records
+its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedtwin.config import load_config
+from fedtwin.jsonio import write_json
+
+SETTING = [
+    "federation.hospitals=4",
+    "federation.partition=dirichlet",
+    "federation.alpha=0.5",
+    "privacy.epsilon=10",
+    "privacy.delta=1e-5",
+]
+
+
+def run_demo_command(out: Path, overrides: list[str]) -> dict:
+    """Run `fedtwin demo` as a user would, in its own process, and read its summary."""
+    import json
+
+    cmd = [sys.executable, "-m", "fedtwin.cli", "demo", "--out", str(out), *overrides]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"`fedtwin demo` failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    ev = summary["evaluation"]
+    return {
+        "command_wall_time_s": wall,
+        "train_time_s": summary["train_time_s"],
+        "rounds_completed": summary["rounds_completed"],
+        "epsilon_per_hospital": summary["epsilon_per_hospital"],
+        "delta": summary["delta"],
+        "tstr": {k: ev["tstr"][k] for k in ("auc_mean", "auc_std", "acc_mean", "acc_std")},
+        "trtr": {k: ev["trtr"][k] for k in ("auc_mean", "auc_std", "acc_mean", "acc_std")},
+        "frechet": ev["frechet"],
+        "output": str(out),
+    }
+
+
+def part_a(out_dir: Path, overrides: list[str]) -> dict:
+    return {"setting": SETTING, **run_demo_command(out_dir / "a_federated", SETTING + overrides)}
+
+
+def part_b(out_dir: Path, overrides: list[str]) -> dict:
+    central = [*SETTING, *overrides, "federation.hospitals=1"]
+    return {
+        "setting": central,
+        "note": "the same generator and privacy plan on the pooled training images of the "
+        "4 hospitals' split (one hospital, same rounds x local steps, same epsilon)",
+        **run_demo_command(out_dir / "b_central", central),
+    }
+
+
+def part_c(cfg: dict) -> dict:
+    from fedtwin.baseline import train_federated_dp_classifier
+    from fedtwin.demo import load_real_data, simulate_hospitals
+    from fedtwin.metrics import classification_scores, predict_proba
+
+    start = time.time()
+    train, val, _ = load_real_data(cfg)
+    hospitals = simulate_hospitals(cfg, train)
+    fed = cfg["federation"]
+    runs = []
+    for seed in cfg["eval"]["seeds"]:
+        model, eps = train_federated_dp_classifier(
+            hospitals,
+            {**cfg, "seed": int(seed)},
+            rounds=int(fed["rounds"]),
+            local_steps=int(fed["local_steps"]),
+            batch_size=int(fed["batch_size"]),
+            progress=True,
+        )
+        scores = classification_scores(predict_proba(model, val.images), val.labels)
+        runs.append({"seed": int(seed), **scores})
+    return {
+        "what": "classifier trained federated with DP-SGD on the real images (FedAvg, "
+        "same hospitals, rounds, local steps and batch size as the generator; C = 1)",
+        "auc_mean": float(np.mean([r["auc"] for r in runs])),
+        "auc_std": float(np.std([r["auc"] for r in runs])),
+        "acc_mean": float(np.mean([r["acc"] for r in runs])),
+        "acc_std": float(np.std([r["acc"] for r in runs])),
+        "per_seed": runs,
+        "epsilon_per_hospital": eps,
+        "wall_time_s": time.time() - start,
+    }
+
+
+def part_d(cfg: dict) -> dict:
+    from fedtwin.demo import load_real_data
+    from fedtwin.dicom import write_dicom
+    from fedtwin.models import build_model
+    from fedtwin.privacy import plan_privacy
+    from fedtwin.training import local_round
+    from fedtwin.twin import generate
+
+    train, _, _ = load_real_data(cfg)
+    n_classes, size = len(cfg["data"]["classes"]), int(cfg["data"]["image_size"])
+    priv, batch = cfg["privacy"], int(cfg["federation"]["batch_size"])
+    images, labels = train.images[:2000], train.labels[:2000]
+    steps = 20 if cfg.get("quick") else 100
+    out: dict = {"training_images": len(images), "steps": steps, "batch_size": batch}
+    for mode in ("dp", "no_dp"):
+        plan = plan_privacy(
+            enabled=mode == "dp",
+            epsilon=float(priv["epsilon"]),
+            delta=float(priv["delta"]),
+            max_grad_norm=float(priv["max_grad_norm"]),
+            accountant=str(priv["accountant"]),
+            n_train=len(images),
+            batch_size=batch,
+            total_steps=steps + 5,
+            label_noise=float(priv["label_noise"]),
+        )
+        model = build_model(cfg["model"], n_classes, size)
+        local_round(model, images, labels, plan, steps=5, batch_size=batch, history=[], seed=0)
+        start = time.time()
+        local_round(model, images, labels, plan, steps=steps, batch_size=batch, history=[], seed=1)
+        seconds = time.time() - start
+        out[f"{mode}_samples_per_s"] = steps * plan.sample_rate * len(images) / seconds
+    out["dp_over_no_dp_throughput"] = out["dp_samples_per_s"] / out["no_dp_samples_per_s"]
+
+    model = build_model(cfg["model"], n_classes, size)
+    gen_labels = np.arange(2000) % n_classes
+    start = time.time()
+    fake = generate(model, gen_labels, seed=0)
+    out["generation_images_per_s"] = len(fake) / (time.time() - start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.time()
+        for i in range(500):
+            write_dicom(
+                Path(tmp) / f"{i:05d}.dcm", fake[i], label=int(gen_labels[i]), synthetic=True
+            )
+        out["dicom_files_per_s"] = 500 / (time.time() - start)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
+    parser.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    parser.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every part")
+    args = parser.parse_args()
+
+    overrides = (["+experiment=tiny"] if args.quick else []) + args.overrides
+    cfg = {**load_config(SETTING + overrides), "quick": args.quick}
+    out_dir = args.out.with_suffix("")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "quick": args.quick,
+        "overrides": overrides,
+        "config": cfg,
+    }
+    parts = {
+        "a": ("a_federated", lambda: part_a(out_dir, overrides)),
+        "b": ("b_central", lambda: part_b(out_dir, overrides)),
+        "c": ("c_dp_classifier_baseline", lambda: part_c(cfg)),
+        "d": ("d_throughput", lambda: part_d(cfg)),
+    }
+    for key in args.parts.split(","):
+        name, run = parts[key.strip()]
+        print(f"[benchmark] part {key}: {name} ...", flush=True)
+        start = time.time()
+        try:
+            result[name] = run()
+        except Exception as e:  # one failed part must not lose the others
+            result[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+        result[name]["part_wall_time_s"] = time.time() - start
+        write_json(args.out, result)
+        print(f"[benchmark] part {key} done in {time.time() - start:.0f} s", flush=True)
+
+    print(summary_lines(result))
+    print(f"written: {args.out}")
+    return 0
+
+
+def summary_lines(result: dict) -> str:
+    lines = []
+    for name in ("a_federated", "b_central"):
+        r = result.get(name, {})
+        if "tstr" in r:
+            tstr, trtr, fr = r["tstr"], r["trtr"], r["frechet"]
+            lines.append(
+                f"{name}: TSTR AUC {tstr['auc_mean']:.3f} ACC {tstr['acc_mean']:.3f} | "
+                f"TRTR AUC {trtr['auc_mean']:.3f} | Fréchet {fr['twin_vs_val']:.2f} "
+                f"(floor {fr['train_vs_val_floor']:.2f}) | {r['command_wall_time_s']:.0f} s"
+            )
+    c = result.get("c_dp_classifier_baseline", {})
+    if "auc_mean" in c:
+        lines.append(f"c baseline: AUC {c['auc_mean']:.3f} ACC {c['acc_mean']:.3f}")
+    d = result.get("d_throughput", {})
+    if "dp_samples_per_s" in d:
+        lines.append(
+            f"d: DP {d['dp_samples_per_s']:.0f} vs no-DP {d['no_dp_samples_per_s']:.0f} samples/s "
+            f"(ratio {d['dp_over_no_dp_throughput']:.2f}), generation "
+            f"{d['generation_images_per_s']:.0f} img/s, DICOM {d['dicom_files_per_s']:.0f} files/s"
+        )
+    for name, r in result.items():
+        if isinstance(r, dict) and "error" in r:
+            lines.append(f"{name}: FAILED {r['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
