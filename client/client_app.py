@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from fedtwin import messages
 from fedtwin.data import Hospital
 from fedtwin.models import build_model
-from fedtwin.privacy import noisy_class_shares, plan_privacy
+from fedtwin.privacy import noisy_class_shares, plan_from_config
 from fedtwin.training import local_round, set_weights
 
 PRIVACY_STATE = "privacy-history"
@@ -49,20 +49,15 @@ def make_client_app(cfg: dict, load_hospital: Callable[[Context], Hospital]) -> 
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
         hospital = load_hospital(context)
-        fed, priv = cfg["federation"], cfg["privacy"]
+        fed = cfg["federation"]
         server = msg.content[messages.CONFIG]
         steps, batch = int(server["local-steps"]), int(fed["batch_size"])
-        plan = plan_privacy(
-            enabled=bool(priv["enabled"]),
-            epsilon=float(priv["epsilon"]),
-            delta=float(priv["delta"]),
-            max_grad_norm=float(priv["max_grad_norm"]),
-            accountant=str(priv["accountant"]),
+        plan = plan_from_config(
+            cfg["privacy"],
             n_train=len(hospital.train),
             batch_size=batch,
             # The hospital plans for the rounds it agreed to; the server cannot stretch it.
             total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
-            label_noise=float(priv["label_noise"]),
         )
         history = messages.history_from_record(context.state.get(PRIVACY_STATE))
         n_classes = len(cfg["data"]["classes"])

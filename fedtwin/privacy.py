@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from opacus.accountants import create_accountant
@@ -106,6 +108,23 @@ def plan_privacy(
     return PrivacyPlan(
         True, epsilon, delta, max_grad_norm, q, total_steps, sigma, accountant, label_noise
     )
+
+
+def plan_from_config(
+    privacy: Mapping[str, Any], *, n_train: int, batch_size: int, total_steps: int, **override
+) -> PrivacyPlan:
+    """``plan_privacy`` with the settings of a ``privacy`` config group; ``override``
+    replaces any of them (``enabled=False`` for a baseline, say)."""
+    settings = {
+        "enabled": bool(privacy["enabled"]),
+        "epsilon": float(privacy["epsilon"]),
+        "delta": float(privacy["delta"]),
+        "max_grad_norm": float(privacy["max_grad_norm"]),
+        "accountant": str(privacy["accountant"]),
+        "label_noise": float(privacy["label_noise"]),
+        **override,
+    }
+    return plan_privacy(**settings, n_train=n_train, batch_size=batch_size, total_steps=total_steps)
 
 
 @functools.lru_cache(maxsize=64)  # a node plans again every round with the same numbers

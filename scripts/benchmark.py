@@ -89,7 +89,7 @@ def part_c(cfg: dict) -> dict:
     hospitals = simulate_hospitals(cfg, train)
     fed = cfg["federation"]
     runs = []
-    for seed in cfg["eval"]["seeds"]:
+    for seed in cfg["eval"]["seeds"][:1]:  # one seed: each costs as much as a federation
         model, eps = train_federated_dp_classifier(
             hospitals,
             {**cfg, "seed": int(seed)},
@@ -102,7 +102,8 @@ def part_c(cfg: dict) -> dict:
         runs.append({"seed": int(seed), **scores})
     return {
         "what": "classifier trained federated with DP-SGD on the real images (FedAvg, "
-        "same hospitals, rounds, local steps and batch size as the generator; C = 1)",
+        "same hospitals, rounds, local steps and batch size as the generator; C = 1); "
+        "one seed",
         "auc_mean": float(np.mean([r["auc"] for r in runs])),
         "auc_std": float(np.std([r["auc"] for r in runs])),
         "acc_mean": float(np.mean([r["acc"] for r in runs])),
@@ -117,27 +118,23 @@ def part_d(cfg: dict) -> dict:
     from fedtwin.demo import load_real_data
     from fedtwin.dicom import write_dicom
     from fedtwin.models import build_model
-    from fedtwin.privacy import plan_privacy
+    from fedtwin.privacy import plan_from_config
     from fedtwin.training import local_round
     from fedtwin.twin import generate
 
     train, _, _ = load_real_data(cfg)
     n_classes, size = len(cfg["data"]["classes"]), int(cfg["data"]["image_size"])
-    priv, batch = cfg["privacy"], int(cfg["federation"]["batch_size"])
+    batch = int(cfg["federation"]["batch_size"])
     images, labels = train.images[:2000], train.labels[:2000]
     steps = 20 if cfg.get("quick") else 100
     out: dict = {"training_images": len(images), "steps": steps, "batch_size": batch}
     for mode in ("dp", "no_dp"):
-        plan = plan_privacy(
-            enabled=mode == "dp",
-            epsilon=float(priv["epsilon"]),
-            delta=float(priv["delta"]),
-            max_grad_norm=float(priv["max_grad_norm"]),
-            accountant=str(priv["accountant"]),
+        plan = plan_from_config(
+            cfg["privacy"],
             n_train=len(images),
             batch_size=batch,
             total_steps=steps + 5,
-            label_noise=float(priv["label_noise"]),
+            enabled=mode == "dp",
         )
         model = build_model(cfg["model"], n_classes, size)
         local_round(model, images, labels, plan, steps=5, batch_size=batch, history=[], seed=0)

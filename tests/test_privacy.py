@@ -11,6 +11,7 @@ from fedtwin.privacy import (
     check_budget,
     epsilon_spent,
     noisy_class_shares,
+    plan_from_config,
     plan_privacy,
     sample_rate_for,
 )
@@ -95,3 +96,18 @@ def test_class_shares_exact_without_dp_noisy_with_dp():
     assert np.allclose(draws.sum(axis=1), 1.0) and (draws > 0).all()
     assert not np.allclose(draws[0], draws[1])  # fresh noise each release
     assert draws.mean(axis=0)[0] == pytest.approx(0.75, abs=0.02)
+
+
+def test_plan_from_config_reads_the_group_and_takes_overrides():
+    group = {
+        "enabled": True,
+        "epsilon": 10.0,
+        "delta": 1e-5,
+        "max_grad_norm": 20.0,
+        "accountant": "rdp",
+        "label_noise": 10.0,
+    }
+    p = plan_from_config(group, n_train=940, batch_size=128, total_steps=200)
+    assert p == plan(max_grad_norm=20.0)
+    off = plan_from_config(group, n_train=940, batch_size=128, total_steps=200, enabled=False)
+    assert not off.enabled and math.isinf(off.target_epsilon)
