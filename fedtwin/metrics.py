@@ -104,22 +104,21 @@ def train_classifier(
 
 
 @torch.no_grad()
+def _batched(fn, images: np.ndarray, batch: int) -> torch.Tensor:
+    x = to_tensor(images)
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
 def predict_proba(model: Classifier, images: np.ndarray, batch: int = 512) -> np.ndarray:
     """uint8 ``(N, H, W)`` -> class probabilities ``(N, n_classes)``."""
     model.eval()
-    x = to_tensor(images)
-    return torch.cat(
-        [F.softmax(model(x[i : i + batch]), 1) for i in range(0, len(x), batch)]
-    ).numpy()
+    return _batched(lambda x: F.softmax(model(x), 1), images, batch).numpy()
 
 
-@torch.no_grad()
 def features(model: Classifier, images: np.ndarray, batch: int = 512) -> np.ndarray:
     """uint8 ``(N, H, W)`` -> penultimate features ``(N, 64)`` float64."""
     model.eval()
-    x = to_tensor(images)
-    out = [model.features(x[i : i + batch]) for i in range(0, len(x), batch)]
-    return torch.cat(out).double().numpy()
+    return _batched(model.features, images, batch).double().numpy()
 
 
 def classification_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

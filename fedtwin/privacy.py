@@ -46,8 +46,7 @@ class PrivacyPlan:
     label_noise: float = 0.0
 
     def label_release(self) -> tuple[float, float, int]:
-        """The class-count release as an accountant history entry: one Gaussian, q = 1."""
-        return (self.label_noise, 1.0, 1)
+        return label_release(self.label_noise)
 
     def describe(self) -> str:
         if not self.enabled:
@@ -58,6 +57,11 @@ class PrivacyPlan:
             f"q {self.sample_rate:.4f}, {self.total_steps} steps, class counts with noise "
             f"std {self.label_noise:g} ({self.accountant})"
         )
+
+
+def label_release(label_noise: float) -> tuple[float, float, int]:
+    """The class-count release as an accountant history entry: one Gaussian, q = 1."""
+    return (label_noise, 1.0, 1)
 
 
 def sample_rate_for(n_train: int, batch_size: int) -> float:
@@ -99,7 +103,7 @@ def plan_privacy(
             f"privacy.delta={delta:g} is not below 1/n = {1.0 / n_train:g} for a hospital with "
             f"{n_train} training images; lower privacy.delta"
         )
-    if epsilon_spent([(label_noise, 1.0, 1)], delta, accountant) >= epsilon:
+    if epsilon_spent([label_release(label_noise)], delta, accountant) >= epsilon:
         raise ValueError(
             f"privacy.label_noise={label_noise:g} alone spends the whole budget "
             f"epsilon={epsilon:g}; raise privacy.label_noise"
@@ -134,7 +138,7 @@ def _calibrated_sigma(
     """Smallest sigma (to 1e-3) whose plan lands at or under ``target``; bisection."""
 
     def epsilon_at(sigma: float) -> float:
-        return epsilon_spent([(label_noise, 1.0, 1), (sigma, q, steps)], delta, accountant)
+        return epsilon_spent([label_release(label_noise), (sigma, q, steps)], delta, accountant)
 
     low, high = 0.0, 10.0
     while epsilon_at(high) > target:

@@ -28,11 +28,11 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
     metrics = [r[messages.METRICS] for r in records]
     eps = [float(m["epsilon"]) for m in metrics]
     out = {"epsilon-max": -1.0 if min(eps) < 0 else max(eps)}
-    total = sum(float(m[weighting_key]) for m in metrics)
     for key in ("loss_d", "loss_g", "loss"):
         pairs = [(float(m[key]), float(m[weighting_key])) for m in metrics if key in m]
-        if pairs and total > 0:
-            out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+        weight = sum(w for _, w in pairs)
+        if weight > 0:
+            out[key] = sum(v * w for v, w in pairs) / weight
     return MetricRecord(out)
 
 

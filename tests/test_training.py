@@ -13,15 +13,15 @@ from fedtwin.training import get_weights, local_round, set_weights
 MODEL = {"name": "dcgan", "latent_dim": 16, "g_width": 8, "d_width": 8, "d_steps": 1}
 
 
-def make_plan(n, enabled=True, total_steps=6):
+def make_plan(n, enabled=True, total_steps=6, epsilon=5.0, delta=1e-4, batch_size=32):
     return plan_privacy(
         enabled=enabled,
-        epsilon=5.0,
-        delta=1e-4,
+        epsilon=epsilon,
+        delta=delta,
         max_grad_norm=1.0,
         accountant="rdp",
         n_train=n,
-        batch_size=32,
+        batch_size=batch_size,
         total_steps=total_steps,
         label_noise=10.0,
     )
@@ -84,17 +84,7 @@ def test_tiny_hospital_with_empty_poisson_batches_trains(small_real):
     """8 images at sample rate 1/8: many batches are empty; weights stay finite."""
     images, labels = small_real[0][:8], small_real[1][:8]
     model = build_model(MODEL, 2, 28)
-    plan = plan_privacy(
-        enabled=True,
-        epsilon=50.0,
-        delta=1e-3,
-        max_grad_norm=1.0,
-        accountant="rdp",
-        n_train=8,
-        batch_size=1,
-        total_steps=30,
-        label_noise=10.0,
-    )
+    plan = make_plan(8, total_steps=30, epsilon=50.0, delta=1e-3, batch_size=1)
     result = local_round(model, images, labels, plan, steps=30, batch_size=1, history=[], seed=0)
     assert result.steps == 30 and result.epsilon <= 50.0
     assert all(np.isfinite(w).all() for w in result.weights.values())

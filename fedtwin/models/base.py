@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
 
@@ -66,8 +67,6 @@ def private_step(
     images from a near-collapsed generator have aligned gradients that survive clipping
     while the diverse real ones partly cancel.
     """
-    from opacus.optimizers import DPOptimizer
-
     inner = optimizer
     if isinstance(optimizer, DPOptimizer):
         if not optimizer.pre_step():  # a skipped (virtual) step: nothing to apply

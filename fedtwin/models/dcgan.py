@@ -7,6 +7,7 @@ images, so it is the one trained with DP-SGD; the generator only learns through 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -128,12 +129,11 @@ class DCGAN(TwinGenerator):
         with torch.no_grad():
             fake, fake_y = self._fake(max(2, expected_batch), rng, device)  # BatchNorm needs 2
         params = [p for p in private.parameters() if p.requires_grad]
-        _set_hooks(private, enabled=False)
-        loss_fake = F.binary_cross_entropy_with_logits(
-            private(fake, fake_y), torch.zeros(len(fake), device=device)
-        )
-        fake_grads = dict(zip(params, torch.autograd.grad(loss_fake, params), strict=True))
-        _set_hooks(private, enabled=True)
+        with _hooks_off(private):
+            loss_fake = F.binary_cross_entropy_with_logits(
+                private(fake, fake_y), torch.zeros(len(fake), device=device)
+            )
+            fake_grads = dict(zip(params, torch.autograd.grad(loss_fake, params), strict=True))
         # Real images: per-sample gradients, clipped and noised by the DP optimizer.
         private_opt.zero_grad(set_to_none=True)
         logits = private(real, labels)
@@ -148,13 +148,12 @@ class DCGAN(TwinGenerator):
             return {"loss_d": loss_d.item()}
 
         # Generator: learns only through the (already private) discriminator.
-        _set_hooks(private, enabled=False)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g = self._generator_loss(private, expected_batch, rng, device)
-        loss_g.backward()
-        opt_g.step()
-        private_opt.zero_grad(set_to_none=True)
-        _set_hooks(private, enabled=True)
+        with _hooks_off(private):
+            opt_g.zero_grad(set_to_none=True)
+            loss_g = self._generator_loss(private, expected_batch, rng, device)
+            loss_g.backward()
+            opt_g.step()
+            private_opt.zero_grad(set_to_none=True)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
 
     def _generator_loss(self, private, n: int, rng: torch.Generator, device) -> torch.Tensor:
@@ -187,7 +186,14 @@ class DCGAN(TwinGenerator):
         return out
 
 
-def _set_hooks(module: nn.Module, enabled: bool) -> None:
-    """Switch Opacus' per-sample-gradient hooks, which the generator step does not need."""
-    if hasattr(module, "enable_hooks"):
-        module.enable_hooks() if enabled else module.disable_hooks()
+@contextmanager
+def _hooks_off(module: nn.Module):
+    """Switch off Opacus' per-sample-gradient hooks for passes that see no real image."""
+    wrapped = hasattr(module, "disable_hooks")
+    if wrapped:
+        module.disable_hooks()
+    try:
+        yield
+    finally:
+        if wrapped:
+            module.enable_hooks()
