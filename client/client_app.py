@@ -1,8 +1,12 @@
-"""Hospital side: a Flower ClientApp that adapts ``fedtwin.training.local_round``.
+"""Hospital side: a Flower ClientApp that adapts the core.
 
-Each round it receives the global weights, runs the hospital's DP local round, records the
-privacy spent in the node's persistent state (the ClientApp object itself is rebuilt every
-round, the node state is not) and sends back weights, example count and epsilon.
+- ``train``: each round it receives the global weights, runs the hospital's DP local round
+  (``fedtwin.training.local_round``), records the privacy spent in the node's persistent
+  state (the ClientApp object itself is rebuilt every round, the node state is not) and
+  sends back weights, example count and epsilon.
+- ``query.audit``: after training it receives the candidate twin and a classifier trained
+  on it, runs the privacy audit (``fedtwin.audit.site_audit``) and the utility scoring
+  (``fedtwin.utility.site_utility``) on its own images, and sends back aggregates only.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtwin import messages
+from fedtwin.audit import site_audit
 from fedtwin.data import Hospital
+from fedtwin.metrics import Classifier, features
 from fedtwin.models import build_model
 from fedtwin.privacy import noisy_class_shares, plan_from_config
 from fedtwin.training import local_round, set_weights
+from fedtwin.utility import site_utility
 
 PRIVACY_STATE = "privacy-history"
 OPTIMIZER_STATE = "optimizer-state"  # Adam moments, local only: the next round resumes them
@@ -93,8 +100,34 @@ def make_client_app(cfg: dict, load_hospital: Callable[[Context], Hospital]) -> 
             {
                 messages.ARRAYS: messages.to_record(result.weights),
                 messages.METRICS: messages.round_metrics(
-                    result.num_examples, result.epsilon, result.steps, result.losses
+                    result.num_examples, result.epsilon, result.steps, result.losses, shares
                 ),
+                messages.HOSPITAL: ConfigRecord({"name": hospital.name}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    @app.query("audit")
+    def audit(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
+        hospital = load_hospital(context)
+        twin = msg.content[messages.TWIN]["images"].numpy()
+        classifier = Classifier(len(cfg["data"]["classes"]))
+        set_weights(classifier, messages.from_record(msg.content[messages.CLASSIFIER]))
+        classifier.eval()
+        site = site_audit(
+            twin,
+            hospital.train.images,
+            hospital.holdout.images,
+            dict(msg.content[messages.AUDIT]),  # the server's parameters: shared bins
+            embed=lambda images: features(classifier, images),
+            seed=round_seed(int(cfg["seed"]), hospital.name, 0),
+        )
+        utility = site_utility(classifier, hospital.holdout.images, hospital.holdout.labels)
+        content = RecordDict(
+            {
+                messages.AUDIT: MetricRecord(messages.flatten(site)),
+                messages.UTILITY: MetricRecord(messages.flatten(utility)),
                 messages.HOSPITAL: ConfigRecord({"name": hospital.name}),
             }
         )

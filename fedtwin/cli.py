@@ -14,6 +14,8 @@ EPILOG = """examples:
   fedtwin hospitals make --source data.npz --hospitals 4 --alpha 0.5 --out archives
   fedtwin ingest archives/hospital-0                   # check what a hospital archive yields
   fedtwin data download                                # fetch PneumoniaMNIST into the cache
+  fedtwin verify runs/demo/twin --public-key runs/demo/keys/consortium-signing.pem.pub
+  fedtwin pki signing-key --out keys/consortium-signing.pem
 """
 
 
@@ -51,12 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     download.add_argument("--name", default="pneumoniamnist")
     download.add_argument("--cache", default=None, help="cache directory")
 
+    verify = sub.add_parser("verify", help="check a twin's signature and every file's sha256")
+    verify.add_argument("twin", type=Path, help="twin directory (with manifest.json)")
+    verify.add_argument(
+        "--public-key", type=Path, help="the consortium's Ed25519 public key (PEM) to trust"
+    )
+
+    pki = sub.add_parser("pki", help="keys of the consortium")
+    psub = pki.add_subparsers(dest="action", required=True)
+    skey = psub.add_parser("signing-key", help="make the consortium's Ed25519 twin-signing key")
+    skey.add_argument("--out", required=True, type=Path, help="private key path (PEM, 0600)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"fedtwin {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -69,12 +82,24 @@ def cmd_demo(args) -> int:
     summary = run_demo(cfg, args.out)
     ev = summary["evaluation"]
     eps = ", ".join(f"{k} {v:.2f}" for k, v in summary["epsilon_per_hospital"].items())
-    print(f"\ntwin: {args.out / 'twin'}\nreport: {args.out / 'report.html'}")
+    gate = summary["gate"]
+    if gate["signed"] and not gate["override"]:
+        status = "passed the privacy audit, signed"
+    elif gate["signed"]:
+        status = f"FAILED the privacy audit, signed by override ({gate['override']})"
+    else:
+        status = "FAILED the privacy audit, not signed (see twin/audit.json)"
+    print(f"\ntwin: {args.out / 'twin'} ({status})\nreport: {args.out / 'report.html'}")
     print(f"epsilon per hospital (delta {summary['delta']:g}): {eps}")
     print(
         f"TSTR AUC {ev['tstr']['auc_mean']:.3f} ACC {ev['tstr']['acc_mean']:.3f} | "
         f"TRTR AUC {ev['trtr']['auc_mean']:.3f} ACC {ev['trtr']['acc_mean']:.3f} | "
         f"wall time {summary['wall_time_s']:.0f} s"
+    )
+    fu = summary["federated_utility"]
+    print(
+        f"federated utility (twin classifier on the hospitals' holdouts): "
+        f"AUC {fu['auc']:.3f} ACC {fu['acc']:.3f}"
     )
     return 0
 
@@ -107,7 +132,38 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "hospitals": cmd_hospitals, "ingest": cmd_ingest, "data": cmd_data}
+def cmd_verify(args) -> int:
+    from fedtwin.signing import load_public_key, verify_twin
+
+    key = load_public_key(args.public_key) if args.public_key else None
+    result = verify_twin(args.twin, key)
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.ok:
+        print(f"OK: {args.twin}: signature and {result.files_checked} files check out")
+        return 0
+    for problem in result.problems:
+        print(f"FAIL: {problem}", file=sys.stderr)
+    return 1
+
+
+def cmd_pki(args) -> int:
+    from fedtwin.signing import make_signing_key, public_key_path
+
+    make_signing_key(args.out)
+    print(f"private key: {args.out} (mode 0600, keep it at the operator)")
+    print(f"public key:  {public_key_path(args.out)} (give it to everyone who verifies twins)")
+    return 0
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "hospitals": cmd_hospitals,
+    "ingest": cmd_ingest,
+    "data": cmd_data,
+    "verify": cmd_verify,
+    "pki": cmd_pki,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

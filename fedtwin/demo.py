@@ -1,11 +1,13 @@
 """``fedtwin demo``: the whole pipeline on one machine, hospitals simulated by Flower.
 
 data -> hospitals (partition + holdout) -> federated DP training (Flower Simulation Engine)
--> global generator -> twin directory -> TSTR/TRTR + Fréchet distance -> report.html
+-> global generator -> twin -> federated privacy audit and utility at the hospitals ->
+twin directory, signed if the audit passed -> TSTR/TRTR + Fréchet distance -> report.html
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedtwin.config import resolve_device
 from fedtwin.data import Hospital, Split, load_npz, make_hospitals, resize_images, resolve_data_path
@@ -75,19 +76,16 @@ def run_federation(cfg: dict, hospitals: list[Hospital], out: Path) -> None:
 def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str, Any]:
     """Run everything into ``out``; returns the summary also written to ``summary.json``."""
     from fedtwin.metrics import evaluate_twin
-    from fedtwin.models import build_model
     from fedtwin.report import write_report
-    from fedtwin.server.strategy import latest_checkpoint, read_history
-    from fedtwin.training import set_weights
-    from fedtwin.twin import generate, label_mix, write_twin
+    from fedtwin.server.publish import final_epsilons
+    from fedtwin.server.strategy import read_history
 
     start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**cfg, "device_resolved": resolve_device(str(cfg.get("device", "auto")))}
     write_json(out / "config.json", cfg)
-    seed = int(cfg["seed"])
-    train, val, data_path = load_real_data(cfg)
+    train, val, _ = load_real_data(cfg)
     hospitals = simulate_hospitals(cfg, train)
     n_classes = len(cfg["data"]["classes"])
     for h in hospitals:
@@ -96,42 +94,17 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
             "%s: %d train (per class %s), %d holdout", h.name, len(h.train), counts, len(h.holdout)
         )
 
+    # Training, then the twin: generated, audited at the hospitals, written, signed if passed.
     run_federation(cfg, hospitals, out)
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        raise RuntimeError(f"no round completed: no checkpoint in {out / 'checkpoints'}")
-    state = torch.load(ckpt, weights_only=True)
-    model = build_model(cfg["model"], n_classes, int(cfg["data"]["image_size"]))
-    set_weights(model, {k: v.numpy() for k, v in state["weights"].items()})
+    twin_dir = out / "twin"
+    if not (twin_dir / "manifest.json").is_file():
+        raise RuntimeError(f"the federation ended without a twin in {twin_dir}; see the log")
     history = read_history(out)
-    epsilons = final_epsilons(history, hospitals)
-    train_time = time.time() - start
-
-    tw = cfg["twin"]
-    shares = np.sum([h.train.class_counts(n_classes) for h in hospitals], axis=0)
-    labels = label_mix(shares, int(tw["size"]), str(tw["label_mix"]), seed)
-    images = generate(model, labels, seed, progress=progress)
-    dp = bool(cfg["privacy"]["enabled"])
-    write_twin(
-        out / "twin",
-        images,
-        labels,
-        class_names=list(cfg["data"]["classes"]),
-        provenance={
-            "config": cfg,
-            "rounds_completed": int(state["round"]),
-            "privacy": {
-                "dp": dp,
-                "delta": float(cfg["privacy"]["delta"]),
-                "epsilon_per_hospital": epsilons,
-                "unit": "one image (sample-level DP); no patient-level claim",
-                "note": None if dp else "DP off: epsilon = inf, no privacy guarantee",
-            },
-            "source_data": {"name": cfg["data"]["name"], "file": data_path.name},
-        },
-        dicom=bool(tw["dicom"]),
-        progress=progress,
-    )
+    epsilons = {h.name: 0.0 for h in hospitals} | final_epsilons(history)
+    manifest = json.loads((twin_dir / "manifest.json").read_text())
+    audit = json.loads((twin_dir / "audit.json").read_text())
+    with np.load(twin_dir / "images.npz") as npz:
+        images, labels = npz["train_images"], npz["train_labels"][:, 0].astype(np.int64)
 
     real_train = Split(
         np.concatenate([h.train.images for h in hospitals]),
@@ -148,10 +121,12 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
     wall = time.time() - start
     summary = {
         "wall_time_s": wall,
-        "train_time_s": train_time,
-        "rounds_completed": int(state["round"]),
+        "rounds_completed": int(manifest["rounds_completed"]),
         "epsilon_per_hospital": epsilons,
         "delta": float(cfg["privacy"]["delta"]),
+        "gate": manifest["gate"],
+        "audit": manifest["audit"],
+        "federated_utility": manifest["federated_utility"],
         "evaluation": evaluation,
     }
     write_json(out / "summary.json", summary)
@@ -162,23 +137,17 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
         class_names=list(cfg["data"]["classes"]),
         epsilons=epsilons,
         delta=float(cfg["privacy"]["delta"]),
-        dp_enabled=dp,
+        dp_enabled=bool(cfg["privacy"]["enabled"]),
         losses=round_losses(history),
         evaluation=evaluation,
+        audit=audit,
+        gate=manifest["gate"],
+        federated_utility=manifest["federated_utility"],
         config=cfg,
         wall_time_s=wall,
         notes=[],
     )
     return summary
-
-
-def final_epsilons(history: list[dict], hospitals: list[Hospital]) -> dict[str, float]:
-    """Each hospital's epsilon after the last round it took part in (0 if none)."""
-    eps = {h.name: 0.0 for h in hospitals}
-    for entry in history:
-        for name, m in entry["hospitals"].items():
-            eps[name] = float(m["epsilon"])
-    return eps
 
 
 def round_losses(history: list[dict]) -> list[dict]:

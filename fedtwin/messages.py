@@ -49,13 +49,58 @@ def history_from_record(record: ConfigRecord | None) -> History:
     )
 
 
-def round_metrics(num_examples: int, epsilon: float, steps: int, losses: dict) -> MetricRecord:
-    # MetricRecord carries only finite numbers; DP off (epsilon = inf) is sent as -1.
+def round_metrics(
+    num_examples: int, epsilon: float, steps: int, losses: dict, label_shares: np.ndarray
+) -> MetricRecord:
+    """A hospital's round summary. ``label_shares`` are its noisy class shares (released
+    once under DP, see ``privacy.noisy_class_shares``): the server mixes the twin's labels
+    from them. MetricRecord carries only finite numbers; DP off (epsilon = inf) is sent as -1.
+    """
     eps = -1.0 if math.isinf(epsilon) else float(epsilon)
     return MetricRecord(
-        {"num-examples": int(num_examples), "epsilon": eps, "steps": int(steps), **losses}
+        {
+            "num-examples": int(num_examples),
+            "epsilon": eps,
+            "steps": int(steps),
+            "label-shares": [float(v) for v in label_shares],
+            **losses,
+        }
     )
 
 
 def epsilon_from_metric(value: float) -> float:
     return math.inf if value < 0 else float(value)
+
+
+# ---- after training: the audit query (server -> hospital -> server) ----------------------
+AUDIT_QUERY = "query.audit"  # Flower message type; the ClientApp registers @app.query("audit")
+TWIN = "twin"  # server -> hospital: the candidate twin's images (ArrayRecord "images")
+CLASSIFIER = "classifier"  # server -> hospital: weights of the classifier trained on the twin
+AUDIT = "audit"  # server -> hospital: audit parameters; hospital -> server: its aggregates
+UTILITY = "utility"  # hospital -> server: the classifier's scores on its holdout (aggregates)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested dict of numbers and number arrays as one flat dict with ``/`` in the keys
+    (what a MetricRecord holds)."""
+    flat: dict = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "/"))
+        elif isinstance(value, np.ndarray):
+            flat[name] = value.tolist()
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = np.asarray(value) if isinstance(value, list) else value
+    return tree

@@ -126,6 +126,75 @@ def _utility_section(evaluation: Mapping) -> str:
     )
 
 
+def _distance_png(dcr: Mapping[str, Any]) -> str:
+    """Nearest-training-image distances of twin and holdout images, one panel per space."""
+    spaces = [k for k in ("pixel", "feature") if k in dcr]
+    fig = Figure(figsize=(5 * len(spaces), 3), dpi=100)
+    for i, space in enumerate(spaces):
+        ax = fig.add_subplot(1, len(spaces), i + 1)
+        edges = np.asarray(dcr[space]["edges"], float)
+        for key, label in (("twin_hist", "twin → train"), ("holdout_hist", "holdout → train")):
+            counts = np.asarray(dcr[space][key], float)
+            density = counts / max(counts.sum(), 1) / np.diff(edges)
+            ax.stairs(density, edges, label=label)
+        ax.set_xscale("symlog", linthresh=edges[1] if len(edges) > 1 else 1e-3)
+        ax.set_xlabel(f"distance to nearest training image ({space} space)")
+        ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _audit_section(audit: Mapping[str, Any] | None, gate: Mapping, utility: Mapping) -> str:
+    if not audit:
+        return "<h2>Privacy audit</h2><p>No audit was run.</p>"
+    e = html.escape
+    verdict = str(audit.get("verdict"))
+    if verdict == "pass":
+        banner = "<p><b>Audit passed</b>: the twin was signed.</p>"
+    elif gate.get("override"):
+        banner = (
+            '<p class="warn"><b>Audit FAILED</b> and the twin was signed by operator '
+            f"override: {e(str(gate['override']))}</p>"
+        )
+    else:
+        banner = '<p class="warn"><b>Audit FAILED</b>: the twin was not signed.</p>'
+    checks = "".join(
+        f"<tr><td>{e(str(c['check']))}</td><td>{_num(c['value'], '.4g')}</td>"
+        f"<td>{e(str(c['rule']))}</td><td>{'pass' if c['passed'] else 'FAIL'}</td></tr>"
+        for c in audit.get("checks", [])
+    )
+    mia = "".join(
+        f"<tr><td>{e(name)}</td><td>{_num(r['auc'])} [{_num(r['ci95'][0])}, "
+        f"{_num(r['ci95'][1])}]</td><td>{r['n_members']} / {r['n_nonmembers']}</td>"
+        f"<td>{_num(r['control_auc'])}</td></tr>"
+        for name, r in audit.get("mia", {}).items()
+    )
+    notes = "".join(f"<li>{e(str(n))}</li>" for n in audit.get("notes", []))
+    sizes = audit.get("sample_sizes", {})
+    copies = audit.get("near_copies", {})
+    dcr = audit.get("dcr", {})
+    plot = f'<img src="{_distance_png(dcr)}" alt="distance histograms">' if dcr else ""
+    return (
+        f"<h2>Privacy audit</h2>{banner}<p>Run at each hospital on its own images: "
+        f"{sizes.get('train')} training images (members) and {sizes.get('holdout')} holdout "
+        f"images (non-members) in all; {sizes.get('train_duplicates_removed')} duplicate "
+        f"training images and {sizes.get('holdout_in_train_removed')} holdout images "
+        "identical to a training image were set aside. Only counts and histograms left the "
+        "hospitals.</p>"
+        "<table><tr><th>check</th><th>value</th><th>rule</th><th></th></tr>"
+        f"{checks}</table><h3>Membership inference</h3>"
+        "<table><tr><th>attack</th><th>AUC [95 %]</th><th>members / non-members</th>"
+        f"<th>negative control AUC</th></tr>{mia}</table>"
+        f"<p>Near copies (Carlini ratio test and below the 1st percentile of holdout "
+        f"distances): {copies.get('near_copies')}; holdout images passing the ratio test "
+        f"(baseline): {copies.get('holdout_ratio_test')}.</p>{plot}"
+        f"{'<ul>' + notes + '</ul>' if notes else ''}"
+        "<h3>Federated utility</h3><p>The twin-trained classifier scored on every hospital's "
+        f"holdout: AUC {_num(utility.get('auc'))}, accuracy {_num(utility.get('acc'))} "
+        f"over {utility.get('n')} images.</p>"
+    )
+
+
 def _grids_section(real_val, twin, class_names: Sequence[str], per_class: int = 32) -> str:
     out = "<h2>Images per class</h2>"
     for c, name in enumerate(class_names):
@@ -167,6 +236,9 @@ def write_report(
     config: Mapping[str, Any],
     wall_time_s: float,
     notes: Sequence[str] = (),
+    audit: Mapping[str, Any] | None = None,
+    gate: Mapping[str, Any] | None = None,
+    federated_utility: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the report atomically and return its path."""
     path = Path(path)
@@ -178,6 +250,7 @@ def write_report(
             f"<p>{len(twin[0])} synthetic images; wall time {minutes} min {seconds} s.</p>",
             f"<ul>{notes_html}</ul>" if notes_html else "",
             _privacy_section(epsilons, delta, dp_enabled),
+            _audit_section(audit, gate or {}, federated_utility or {}),
             _utility_section(evaluation),
             _grids_section(real_val, twin, class_names),
             _losses_section(losses),

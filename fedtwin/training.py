@@ -111,7 +111,7 @@ def local_round(
     """
     check_budget(plan, history, steps)
     model.to(device).train()
-    data = TensorDataset(to_tensor(images), torch.as_tensor(labels, dtype=torch.long))
+    data = TensorDataset(to_tensor(images), torch.tensor(labels, dtype=torch.long))
     private_opt, other_opts = model.make_optimizers()
     if optimizer_state:
         states = torch.load(io.BytesIO(optimizer_state), map_location=device, weights_only=True)

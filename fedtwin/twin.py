@@ -7,7 +7,8 @@ Twin directory (the contract in DESIGN.md)::
     dicom/*.dcm     Secondary Capture, marked synthetic, no PHI
     manifest.json   config, code version, rounds, epsilon per hospital, delta, sha256 of files
 
-The audit (audit.json) and the signature (manifest.sig) are added by later stages.
+    audit.json      the federated privacy audit (fedtwin.audit), when there was one
+    manifest.sig    Ed25519 signature over manifest.json (fedtwin.signing), if it passed
 """
 
 from __future__ import annotations
@@ -80,14 +81,19 @@ def write_twin(
     class_names: list[str],
     provenance: dict[str, Any],
     dicom: bool = True,
+    documents: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> Path:
     """Write the twin directory ``out`` and its ``manifest.json``; returns the manifest path.
 
-    ``provenance`` goes into the manifest as is (config, rounds, epsilon per hospital, ...).
+    ``provenance`` goes into the manifest as is (config, rounds, epsilon per hospital, ...);
+    ``documents`` are JSON files written beside the images (``audit.json``), hashed too.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.sig").unlink(missing_ok=True)  # a new twin is unsigned until signed
+    for name, value in (documents or {}).items():
+        write_json(out / name, value)
     np.savez_compressed(
         out / "images.npz",
         train_images=images.astype(np.uint8),

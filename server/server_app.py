@@ -1,9 +1,11 @@
-"""Consortium side: a Flower ServerApp that runs the federated training of the generator."""
+"""Consortium side: a Flower ServerApp that trains the generator federated, then has the
+twin audited at the hospitals and publishes it (``publish.publish_twin``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from fedtwin.server.publish import publish_twin
 from fedtwin.server.strategy import TwinFedAvg
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -22,7 +24,8 @@ def initial_weights(cfg: dict) -> dict:
 
 
 def make_server_app(cfg: dict, out: Path) -> ServerApp:
-    """A ServerApp that trains for ``federation.rounds`` and checkpoints into ``out``."""
+    """A ServerApp that trains for ``federation.rounds``, checkpointing into ``out``, then
+    writes the audited (and, if it passed, signed) twin to ``out/twin``."""
     app = ServerApp()
     fed = cfg["federation"]
 
@@ -35,11 +38,14 @@ def make_server_app(cfg: dict, out: Path) -> ServerApp:
             min_train_nodes=int(fed["min_hospitals"]),
             min_available_nodes=int(fed["hospitals"]),
         )
-        strategy.start(
+        result = strategy.start(
             grid=grid,
             initial_arrays=messages.to_record(initial_weights(cfg)),
             num_rounds=int(fed["rounds"]),
             train_config=ConfigRecord({"local-steps": int(fed["local_steps"])}),
         )
+        if not strategy.rounds:
+            raise RuntimeError("no round completed: nothing to publish")
+        publish_twin(grid, cfg, out, result.arrays, strategy.rounds)
 
     return app

@@ -1,0 +1,409 @@
+"""Privacy audit of a synthetic twin, computed where the real images are.
+
+Each hospital calls :func:`site_audit` with the candidate twin, its own training images
+(members) and its holdout (non-members, never trained on). It returns aggregates only:
+counts, sample sizes and histograms on bins fixed in advance (``Bins``), the same at every
+hospital. The server's :func:`pool` adds them up, so the pooled figures are exactly what
+the same statistics give with all hospitals' data in one place (a test checks this).
+
+What is computed (references in the README's privacy-audit section):
+
+- **near copies** (pixel space): a twin image ``s`` copies a training image when its
+  nearest training image is closer than the 1st percentile of the holdout -> train
+  nearest distances *and* the ratio test of Carlini et al. 2023 holds:
+  ``d1(s) / (0.5 * mean of the distances to its 50 nearest training images) < 1``.
+  The holdout images' own ratio-test count is the baseline.
+- **distance to closest record** (DCR): median nearest-training distance of twin images
+  over that of holdout images (pixel and feature space); < 1 means the twin sits closer
+  to the training images than unseen real images do.
+- **closer to train**: share of twin images nearer to a size-matched training subsample
+  than to the holdout (0.5 for a generator that does not favour its training data).
+- **membership inference**: every training and holdout image is scored by its distance
+  to the nearest twin image (GAN-Leaks, pixel and feature space) and by a density ratio
+  in the spirit of DOMIAS, ``log(r_real / r_twin)`` with ``r`` the distance to the k-th
+  nearest real (other) / twin image; AUC of members vs non-members, with a negative
+  control (two random halves of the holdout as members vs non-members).
+
+Exact duplicates in the real data are not blamed on the generator: duplicate training
+images count once, and holdout images identical to a training image are dropped from the
+non-members (they are members in all but name). Images are uint8 ``(N, H, W)``; the pixel
+space is ``x / 255`` flattened, the feature space unit-length embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+Embed = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W) -> features (N, D)
+
+ATTACKS = ("gan_leaks_pixel", "gan_leaks_feature", "density_ratio")
+
+
+class AuditError(ValueError):
+    """The audit cannot run on this hospital's data; the message says why."""
+
+
+@dataclass(frozen=True)
+class Bins:
+    """Histogram edges shared by every hospital (so that histograms add up)."""
+
+    pixel: np.ndarray  # nearest-neighbour distances in pixel space
+    feature: np.ndarray  # ... between unit-length features (at most 2)
+    score: np.ndarray  # density log-ratio, clipped into the end bins
+
+    @classmethod
+    def for_images(cls, image_size: int, n: int = 512) -> Bins:
+        """Log-spaced distance bins (2 % relative width at ``n = 512``) with a bin at 0."""
+        top = math.sqrt(image_size * image_size)  # largest distance between [0, 1] images
+        return cls(
+            pixel=np.concatenate([[0.0], np.geomspace(1e-3, top, n)]),
+            feature=np.concatenate([[0.0], np.geomspace(1e-4, 2.0, n)]),
+            score=np.linspace(-4.0, 4.0, n + 1),
+        )
+
+
+def hist(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts per bin; values beyond the ends go into the end bins."""
+    clipped = np.clip(values, edges[0], edges[-1])
+    return np.histogram(clipped, bins=edges)[0].astype(np.int64)
+
+
+def nearest(a: np.ndarray, b: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """Distances ``(len(a), k)`` from each row of ``a`` to its ``k`` nearest rows of ``b``,
+    ascending (float64 L2)."""
+    k = min(k, len(b))
+    tb = torch.as_tensor(b, dtype=torch.float64)
+    b2 = (tb * tb).sum(1)
+    out = []
+    for start in range(0, len(a), chunk):
+        ta = torch.as_tensor(a[start : start + chunk], dtype=torch.float64)
+        d2 = (ta * ta).sum(1, keepdim=True) + b2 - 2.0 * ta @ tb.T
+        out.append(torch.topk(d2, k, dim=1, largest=False).values.clamp(min=0).sqrt())
+    return torch.cat(out).numpy() if out else np.zeros((0, k))
+
+
+def pixels(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).astype(np.float64) / 255.0
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def _digests(images: np.ndarray) -> list[bytes]:
+    return [hashlib.sha256(img.tobytes()).digest() for img in images]
+
+
+def deduplicate(train: np.ndarray, holdout: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Training images once each; holdout without images that are also training images."""
+    seen: set[bytes] = set()
+    keep_train = []
+    for i, d in enumerate(_digests(train)):
+        if d not in seen:
+            seen.add(d)
+            keep_train.append(i)
+    keep_holdout, in_train, repeated = [], 0, 0
+    held: set[bytes] = set()
+    for i, d in enumerate(_digests(holdout)):
+        if d in seen:
+            in_train += 1
+        elif d in held:
+            repeated += 1
+        else:
+            held.add(d)
+            keep_holdout.append(i)
+    counts = {
+        "train_duplicates_removed": len(train) - len(keep_train),
+        "holdout_in_train_removed": in_train,
+        "holdout_duplicates_removed": repeated,
+    }
+    return train[keep_train], holdout[keep_holdout], counts
+
+
+def carlini_ratio(neighbours: np.ndarray) -> np.ndarray:
+    """Carlini et al. 2023: nearest distance over half the mean distance to the nearest ones."""
+    scale = 0.5 * neighbours.mean(1)
+    return np.divide(neighbours[:, 0], scale, out=np.zeros(len(neighbours)), where=scale > 0)
+
+
+def density_score(real: np.ndarray, twin: np.ndarray, k: int) -> np.ndarray:
+    """``log(r_real / r_twin)`` per real row: its k-th nearest other real image over its
+    k-th nearest twin image. High when the twin is dense where this image is (member-like)."""
+    r_real = nearest(real, real, k + 1)[:, -1]  # the first neighbour is the image itself
+    r_twin = nearest(real, twin, k)[:, -1]
+    return np.log(np.maximum(r_real, 1e-12) / np.maximum(r_twin, 1e-12))
+
+
+def site_audit(
+    twin: np.ndarray,
+    train: np.ndarray,
+    holdout: np.ndarray,
+    cfg: Mapping[str, Any],
+    *,
+    embed: Embed | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One hospital's audit aggregates (see the module docstring); nothing per image.
+
+    ``cfg`` is the ``audit`` config group (``neighbours``, ``copy_quantile``,
+    ``copy_ratio``, ``density_k``, ``bins``).
+    """
+    if len(twin) == 0:
+        raise AuditError("the twin is empty: nothing to audit")
+    train_u, holdout_u, counts = deduplicate(train, holdout)
+    k = int(cfg["neighbours"])
+    if len(train_u) < 2 or len(holdout_u) < 4:
+        raise AuditError(
+            f"the audit needs at least 2 training and 4 holdout images, this hospital has "
+            f"{len(train_u)} and {len(holdout_u)} (after removing duplicates); "
+            f"raise federation.holdout_fraction or leave this hospital out of the audit"
+        )
+    bins = Bins.for_images(twin.shape[1], int(cfg["bins"]))
+    rng = np.random.default_rng(seed)
+    px_twin, px_train, px_hold = pixels(twin), pixels(train_u), pixels(holdout_u)
+    out: dict[str, Any] = {
+        "n_twin": len(twin),
+        "n_train": len(train_u),
+        "n_holdout": len(holdout_u),
+        **counts,
+    }
+
+    # Near copies, pixel space.
+    twin_nn = nearest(px_twin, px_train, k)
+    hold_nn = nearest(px_hold, px_train, k)
+    threshold = float(np.quantile(hold_nn[:, 0], float(cfg["copy_quantile"])))
+    ratio_twin, ratio_hold = carlini_ratio(twin_nn), carlini_ratio(hold_nn)
+    limit = float(cfg["copy_ratio"])
+    out["copies"] = {
+        "near_copies": int(np.sum((twin_nn[:, 0] < threshold) & (ratio_twin < limit))),
+        "twin_below_threshold": int(np.sum(twin_nn[:, 0] < threshold)),
+        "twin_ratio_test": int(np.sum(ratio_twin < limit)),
+        "holdout_ratio_test": int(np.sum(ratio_hold < limit)),
+    }
+
+    # Closer to a size-matched training subsample than to the holdout.
+    m = min(len(train_u), len(holdout_u))
+    sub_train = px_train[rng.choice(len(train_u), m, replace=False)]
+    sub_hold = px_hold[rng.choice(len(holdout_u), m, replace=False)]
+    closer = nearest(px_twin, sub_train, 1)[:, 0] < nearest(px_twin, sub_hold, 1)[:, 0]
+    out["closer_to_train"] = {"count": int(closer.sum()), "n": len(twin)}
+
+    # Distance to closest record and membership scores, per space.
+    spaces = {"pixel": (px_twin, px_train, px_hold, twin_nn[:, 0], hold_nn[:, 0])}
+    if embed is not None:
+        f_twin, f_train, f_hold = (unit(embed(x)) for x in (twin, train_u, holdout_u))
+        spaces["feature"] = (
+            f_twin,
+            f_train,
+            f_hold,
+            nearest(f_twin, f_train, 1)[:, 0],
+            nearest(f_hold, f_train, 1)[:, 0],
+        )
+    half = rng.permutation(len(holdout_u)) < len(holdout_u) // 2  # negative control split
+    out["dcr"], out["mia"] = {}, {}
+    for name, (s, tr, ho, d_twin, d_hold) in spaces.items():
+        edges = getattr(bins, name)
+        out["dcr"][name] = {"twin": hist(d_twin, edges), "holdout": hist(d_hold, edges)}
+        # GAN-Leaks: a real image's distance to its nearest twin image, small = member-like.
+        member, non = nearest(tr, s, 1)[:, 0], nearest(ho, s, 1)[:, 0]
+        out["mia"][f"gan_leaks_{name}"] = _mia_hists(-member, -non, half, -edges[::-1])
+    real = spaces.get("feature", spaces["pixel"])
+    score = density_score(np.concatenate([real[1], real[2]]), real[0], int(cfg["density_k"]))
+    n_tr = len(train_u)
+    out["mia"]["density_ratio"] = _mia_hists(score[:n_tr], score[n_tr:], half, bins.score)
+    return out
+
+
+def _mia_hists(members, nonmembers, half, edges) -> dict[str, Any]:
+    """Histograms of attack scores (higher = more member-like) and the negative control."""
+    return {
+        "members": hist(members, edges),
+        "nonmembers": hist(nonmembers, edges),
+        "control_a": hist(nonmembers[half], edges),
+        "control_b": hist(nonmembers[~half], edges),
+    }
+
+
+# ---- pooling at the server ---------------------------------------------------------------
+
+
+def auc_from_hists(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties (same bin) counted one half."""
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+    total = pos.sum() * neg.sum()
+    return float(np.sum(pos * (below + 0.5 * neg)) / total) if total else math.nan
+
+
+def auc_interval(auc: float, n_pos: int, n_neg: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % interval of an AUC (Hanley and McNeil 1982)."""
+    if not (n_pos and n_neg) or math.isnan(auc):
+        return (math.nan, math.nan)
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (
+        n_pos * n_neg
+    )
+    se = math.sqrt(max(var, 0.0))
+    return (max(0.0, auc - z * se), min(1.0, auc + z * se))
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def hist_quantile(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
+    """Quantile of binned values, linear inside the bin."""
+    counts = np.asarray(counts, float)
+    total = counts.sum()
+    if total == 0:
+        return math.nan
+    cum = np.cumsum(counts)
+    i = int(np.searchsorted(cum, q * total))
+    before = cum[i - 1] if i > 0 else 0.0
+    inside = (q * total - before) / counts[i] if counts[i] else 0.0
+    return float(edges[i] + inside * (edges[i + 1] - edges[i]))
+
+
+def _sum(sites: list[dict], *path: str) -> Any:
+    values = []
+    for site in sites:
+        v = site
+        for key in path:
+            v = v[key]
+        values.append(np.asarray(v))
+    return np.sum(values, axis=0)
+
+
+def pool(sites: Mapping[str, dict], cfg: Mapping[str, Any], image_size: int) -> dict[str, Any]:
+    """Combine the hospitals' aggregates, apply the thresholds of ``cfg`` (the ``audit``
+    group) and decide. Returns the content of ``audit.json``."""
+    names = list(sites)
+    rows = [sites[n] for n in names]
+    bins = Bins.for_images(image_size, int(cfg["bins"]))
+    th = cfg["thresholds"]
+    n_twin = int(rows[0]["n_twin"]) if rows else 0
+
+    copies = {key: int(_sum(rows, "copies", key)) for key in rows[0]["copies"]} if rows else {}
+    near = copies.get("near_copies", 0)
+    copies["per_hospital"] = {n: int(sites[n]["copies"]["near_copies"]) for n in names}
+
+    dcr = {}
+    for space in rows[0]["dcr"] if rows else []:
+        edges = getattr(bins, space)
+        t, h = _sum(rows, "dcr", space, "twin"), _sum(rows, "dcr", space, "holdout")
+        med_t, med_h = hist_quantile(t, edges, 0.5), hist_quantile(h, edges, 0.5)
+        dcr[space] = {
+            "twin_quantiles": {str(q): hist_quantile(t, edges, q) for q in (0.01, 0.05, 0.5)},
+            "holdout_quantiles": {str(q): hist_quantile(h, edges, q) for q in (0.01, 0.05, 0.5)},
+            "ratio": med_t / med_h if med_h > 0 else math.nan,
+            "twin_hist": t,
+            "holdout_hist": h,
+            "edges": edges,
+        }
+
+    k = int(_sum(rows, "closer_to_train", "count")) if rows else 0
+    n = int(_sum(rows, "closer_to_train", "n")) if rows else 0
+    closer = {"share": k / n if n else math.nan, "ci95": wilson_interval(k, n), "n": n}
+
+    mia = {}
+    for attack in rows[0]["mia"] if rows else []:
+        h = {key: _sum(rows, "mia", attack, key) for key in rows[0]["mia"][attack]}
+        n_m, n_n = int(h["members"].sum()), int(h["nonmembers"].sum())
+        auc = auc_from_hists(h["members"], h["nonmembers"])
+        control = auc_from_hists(h["control_a"], h["control_b"])
+        n_a, n_b = int(h["control_a"].sum()), int(h["control_b"].sum())
+        mia[attack] = {
+            "auc": auc,
+            "ci95": auc_interval(auc, n_m, n_n),
+            "n_members": n_m,
+            "n_nonmembers": n_n,
+            "control_auc": control,
+            "control_ci95": auc_interval(control, n_a, n_b),
+            "members_hist": h["members"],
+            "nonmembers_hist": h["nonmembers"],
+        }
+
+    worst = max(mia, key=lambda a: mia[a]["auc"]) if mia else None
+    checks = [
+        _check("near copies", near, "<=", int(th["max_near_copies"])),
+        _check(
+            "MIA AUC (" + str(worst) + ")",
+            mia[worst]["auc"] if worst else math.nan,
+            "<=",
+            float(th["mia_auc_max"]),
+        ),
+        _check(
+            "DCR ratio (pixel)",
+            dcr.get("pixel", {}).get("ratio", math.nan),
+            ">=",
+            float(th["dcr_ratio_min"]),
+        ),
+        _check(
+            "closer-to-train share, upper 95 %",
+            closer["ci95"][1],
+            "<=",
+            float(th["closer_to_train_max"]),
+        ),
+    ]
+    notes = []
+    for attack, r in mia.items():
+        lo, hi = r["control_ci95"]
+        if not (lo <= 0.5 <= hi):
+            notes.append(
+                f"{attack}: the negative control (holdout halves) gives AUC {r['control_auc']:.3f}"
+                f" with an interval excluding 0.5; its member AUC is not conclusive"
+            )
+    return {
+        "verdict": "pass" if all(c["passed"] for c in checks) else "fail",
+        "checks": checks,
+        "notes": notes,
+        "hospitals": names,
+        "n_twin": n_twin,
+        "sample_sizes": {
+            "train": int(_sum(rows, "n_train")) if rows else 0,
+            "holdout": int(_sum(rows, "n_holdout")) if rows else 0,
+            **{
+                key: int(_sum(rows, key)) if rows else 0
+                for key in (
+                    "train_duplicates_removed",
+                    "holdout_in_train_removed",
+                    "holdout_duplicates_removed",
+                )
+            },
+        },
+        "near_copies": copies,
+        "dcr": dcr,
+        "closer_to_train": closer,
+        "mia": mia,
+        "thresholds": dict(th),
+    }
+
+
+def _check(name: str, value: float, op: str, limit: float) -> dict[str, Any]:
+    ok = (value <= limit) if op == "<=" else (value >= limit)
+    return {"check": name, "value": value, "rule": f"{op} {limit:g}", "passed": bool(ok)}
+
+
+def summary(audit: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``audit.json`` that goes into the manifest: verdict and headline figures."""
+    return {
+        "verdict": audit["verdict"],
+        "checks": [dict(c) for c in audit["checks"]],
+        "mia_auc": {a: r["auc"] for a, r in audit["mia"].items()},
+        "near_copies": audit["near_copies"]["near_copies"],
+        "sample_sizes": audit["sample_sizes"],
+        "notes": audit["notes"],
+    }

@@ -1,0 +1,63 @@
+"""Federated utility: a classifier trained on the twin, scored on every hospital's holdout.
+
+The server trains the classifier on the twin alone (so it may travel: it has seen no real
+image), each hospital scores it on its holdout with :func:`site_utility` and returns
+histograms of the predicted probabilities on fixed bins and counts; :func:`pool_utility`
+adds them up into one AUC and accuracy over all holdouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedtwin.audit import auc_from_hists, hist
+from fedtwin.metrics import Classifier, predict_proba
+
+PROBABILITY_BINS = np.linspace(0.0, 1.0, 1025)
+
+
+def site_utility(model: Classifier, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Per class ``c``: histograms of ``p(c)`` over images of class ``c`` and of other
+    classes, and how many of each class were classified right. No per-image value."""
+    probs = predict_proba(model, images)
+    n_classes = probs.shape[1]
+    out: dict[str, Any] = {"n": len(labels), "per_class": {}}
+    for c in range(n_classes):
+        mine = labels == c
+        out["per_class"][str(c)] = {
+            "positive": hist(probs[mine, c], PROBABILITY_BINS),
+            "negative": hist(probs[~mine, c], PROBABILITY_BINS),
+            "n": int(mine.sum()),
+            "correct": int(np.sum(probs[mine].argmax(1) == c)),
+        }
+    return out
+
+
+def pool_utility(sites: Mapping[str, dict]) -> dict[str, Any]:
+    """AUC (binary: of class 1; else macro one-vs-rest, as ``metrics.classification_scores``)
+    and accuracy over every hospital's holdout, with the per-hospital figures."""
+
+    def scores(rows: list[dict]) -> dict[str, Any]:
+        classes = sorted(rows[0]["per_class"], key=int)
+        aucs, correct, n = {}, 0, 0
+        for c in classes:
+            pos = np.sum([r["per_class"][c]["positive"] for r in rows], axis=0)
+            neg = np.sum([r["per_class"][c]["negative"] for r in rows], axis=0)
+            aucs[c] = auc_from_hists(pos, neg)
+            correct += sum(int(r["per_class"][c]["correct"]) for r in rows)
+            n += sum(int(r["per_class"][c]["n"]) for r in rows)
+        if len(classes) == 2:
+            auc = aucs["1"]
+        else:
+            auc = float(np.nanmean(list(aucs.values())))
+        return {"auc": auc, "acc": correct / n if n else float("nan"), "n": n}
+
+    names = list(sites)
+    if not names:
+        return {"auc": float("nan"), "acc": float("nan"), "n": 0, "per_hospital": {}}
+    pooled = scores([sites[n] for n in names])
+    pooled["per_hospital"] = {n: scores([sites[n]]) for n in names}
+    return pooled
