@@ -104,7 +104,6 @@ def publish_twin(
 ) -> dict[str, Any]:
     """Steps 1-5 of the module docstring; returns the gate (verdict, signed, override)."""
     n_classes = len(cfg["data"]["classes"])
-    classes = list(cfg["data"]["classes"])
     seed, tw, ev, au = int(cfg["seed"]), cfg["twin"], cfg["eval"], cfg["audit"]
     model = build_model(cfg["model"], n_classes, int(cfg["data"]["image_size"]))
     set_weights(model, messages.from_record(arrays))
@@ -136,6 +135,32 @@ def publish_twin(
             f"audit ({'; '.join(f['reason'] for f in failed) or 'no answer'})"
         )
     utility = pool_utility(utilities)
+    gate = write_gated_twin(Path(out), cfg, images, labels, audit, utility, history)
+    log(
+        INFO,
+        "audit %s; federated utility AUC %.3f ACC %.3f over %d holdout images",
+        audit["verdict"],
+        utility["auc"],
+        utility["acc"],
+        utility["n"],
+    )
+    return gate
+
+
+def write_gated_twin(
+    out: Path,
+    cfg: dict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    audit: dict,
+    utility: dict,
+    history: list[dict],
+) -> dict[str, Any]:
+    """Write ``out/twin`` with ``audit.json`` and the manifest; sign it only if the audit
+    passed or ``audit.override`` gives the operator's reason (recorded in the manifest).
+    Returns the gate: audit verdict, signed, override."""
+    classes, tw, au = list(cfg["data"]["classes"]), cfg["twin"], cfg["audit"]
+    missing = audit["not_audited"]["hospitals"]
     override = au.get("override")
     passed = audit["verdict"] == "pass"
     gate = {
@@ -144,7 +169,7 @@ def publish_twin(
         "override": None if passed else override,
     }
     dp = bool(cfg["privacy"]["enabled"])
-    twin_dir = Path(out) / "twin"
+    twin_dir = out / "twin"
     write_twin(
         twin_dir,
         images,
@@ -176,7 +201,7 @@ def publish_twin(
         sign_twin(twin_dir, key)
         if override:
             log(WARNING, "twin failed the audit and was SIGNED by override: %s", override)
-        key_file = cfg["twin"].get("signing_key") or Path(out) / "keys" / "consortium-signing.pem"
+        key_file = cfg["twin"].get("signing_key") or out / "keys" / "consortium-signing.pem"
         log(
             INFO,
             "twin signed; verify with: fedtwin verify %s --public-key %s",
@@ -185,12 +210,4 @@ def publish_twin(
         )
     else:
         log(WARNING, "twin FAILED the privacy audit: not signed (see %s)", twin_dir / "audit.json")
-    log(
-        INFO,
-        "audit %s; federated utility AUC %.3f ACC %.3f over %d holdout images",
-        audit["verdict"],
-        utility["auc"],
-        utility["acc"],
-        utility["n"],
-    )
     return gate

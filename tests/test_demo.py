@@ -39,8 +39,19 @@ def test_demo_leaves_twin_and_report(demo_run):
     for rel, digest in manifest["files"].items():
         assert sha256_file(twin / rel) == digest, rel
     assert manifest["rounds_completed"] == 2
+    # the DP twin passed the federated audit and was signed; verify checks it out
+    assert manifest["gate"] == {"audit_verdict": "pass", "signed": True, "override": None}
+    assert manifest["audit"]["verdict"] == "pass" and manifest["audit"]["near_copies"] == 0
+    assert 0.0 <= manifest["federated_utility"]["auc"] <= 1.0
+    sizes = manifest["audit"]["sample_sizes"]  # the audit set duplicates aside, utility not
+    removed = sizes["holdout_in_train_removed"] + sizes["holdout_duplicates_removed"]
+    assert manifest["federated_utility"]["n"] == sizes["holdout"] + removed
+    pub = out / "keys" / "consortium-signing.pem.pub"
+    verify = [sys.executable, "-m", "fedtwin.cli", "verify", str(twin), "--public-key", str(pub)]
+    checked = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     html = (out / "report.html").read_text()
-    assert "hospital-0" in html and "TSTR" in html
+    assert "hospital-0" in html and "TSTR" in html and "Privacy audit" in html
     assert "TSTR AUC" in proc.stdout
 
 

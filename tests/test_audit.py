@@ -1,0 +1,162 @@
+"""The privacy audit: it catches a generator that copies, passes one that does not, and its
+pooled figures equal a direct computation on all hospitals' data in one place."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+from sklearn.metrics import roc_auc_score
+
+from fedtwin import audit
+from fedtwin.config import load_config
+from fedtwin.data import Split, make_hospitals
+from fedtwin.models.base import TwinGenerator
+from fedtwin.training import to_tensor
+from fedtwin.twin import generate
+
+
+@pytest.fixture(scope="module")
+def cfg() -> dict:
+    return load_config()["audit"]
+
+
+@pytest.fixture(scope="module")
+def hospitals(data_path):
+    d = np.load(data_path)
+    data = Split(d["train_images"][:900].copy(), d["train_labels"][:900, 0].astype(np.int64))
+    return make_hospitals(data, 3, "dirichlet", 0.5, 0.25, seed=1)
+
+
+class CopyingGenerator(TwinGenerator):
+    """A test double that really copies: each sample is one of its training images."""
+
+    name, n_classes, image_size = "copy", 2, 28
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        super().__init__()
+        self.images, self.labels = to_tensor(images), torch.as_tensor(labels)
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        out = []
+        for y in labels.tolist():
+            pool = torch.nonzero(self.labels == y)[:, 0]
+            out.append(self.images[pool[torch.randint(len(pool), (1,), generator=rng)]])
+        return torch.cat(out)
+
+    def private_module(self):
+        raise NotImplementedError
+
+    def make_optimizers(self):
+        raise NotImplementedError
+
+    def train_step(self, *args):
+        raise NotImplementedError
+
+
+def audit_all(twin, hospitals, cfg, embed=None):
+    sites = {
+        h.name: audit.site_audit(twin, h.train.images, h.holdout.images, cfg, embed=embed)
+        for h in hospitals
+    }
+    return sites, audit.pool(sites, cfg, twin.shape[1])
+
+
+def noise_twin(hospitals, n: int, seed: int = 0) -> np.ndarray:
+    """Images that are no real image: the mean training image plus strong noise."""
+    mean = np.mean([h.train.images.mean(0) for h in hospitals], axis=0)
+    noise = np.random.default_rng(seed).normal(0, 40, (n, *mean.shape))
+    return np.clip(mean + noise, 0, 255).astype(np.uint8)
+
+
+def test_copying_generator_fails(hospitals, cfg):
+    images = np.concatenate([h.train.images for h in hospitals])
+    labels = np.concatenate([h.train.labels for h in hospitals])
+    gen = CopyingGenerator(images, labels)
+    twin = generate(gen, np.random.default_rng(0).permutation(labels), seed=0)
+    _, result = audit_all(twin, hospitals, cfg)
+    assert result["verdict"] == "fail"
+    assert result["near_copies"]["near_copies"] > 100
+    assert result["mia"]["gan_leaks_pixel"]["auc"] > 0.75
+    assert result["mia"]["gan_leaks_pixel"]["ci95"][0] > 0.6
+    assert not next(c for c in result["checks"] if c["check"] == "near copies")["passed"]
+
+
+def test_twin_of_no_real_image_passes(hospitals, cfg):
+    _, result = audit_all(noise_twin(hospitals, 400), hospitals, cfg)
+    assert result["verdict"] == "pass", result["checks"]
+    assert result["near_copies"]["near_copies"] == 0
+    assert all(abs(r["auc"] - 0.5) < 0.1 for r in result["mia"].values())
+
+
+def test_pooled_equals_centralized(hospitals, cfg):
+    """Pooled histograms give what scipy/sklearn give on all raw distances at once."""
+    rng = np.random.default_rng(0)
+    copies = np.concatenate([h.train.images[:15] for h in hospitals])  # some real copies
+    twin = np.concatenate([noise_twin(hospitals, 300), copies])[rng.permutation(345)]
+
+    def embed(x):
+        return x.reshape(len(x), -1)[:, ::7].astype(float)  # a fixed feature map
+
+    _, pooled = audit_all(twin, hospitals, cfg, embed=embed)
+
+    def px(x):
+        return x.reshape(len(x), -1) / 255.0
+
+    near, d_twin, d_hold, member, nonmember = 0, [], [], [], []
+    for h in hospitals:
+        train, hold, _ = audit.deduplicate(h.train.images, h.holdout.images)
+        t_tr = np.sort(cdist(px(twin), px(train)), axis=1)[:, : cfg["neighbours"]]
+        h_tr = np.sort(cdist(px(hold), px(train)), axis=1)[:, : cfg["neighbours"]]
+        tau = np.quantile(h_tr[:, 0], cfg["copy_quantile"])
+        ratio = t_tr[:, 0] / (0.5 * t_tr.mean(1))
+        near += int(np.sum((t_tr[:, 0] < tau) & (ratio < cfg["copy_ratio"])))
+        d_twin.append(t_tr[:, 0])
+        d_hold.append(h_tr[:, 0])
+        member.append(cdist(px(train), px(twin)).min(1))
+        nonmember.append(cdist(px(hold), px(twin)).min(1))
+    member, nonmember = np.concatenate(member), np.concatenate(nonmember)
+    truth = np.r_[np.ones(len(member)), np.zeros(len(nonmember))]
+    auc = roc_auc_score(truth, -np.r_[member, nonmember])
+
+    assert pooled["near_copies"]["near_copies"] == near > 0
+    assert pooled["sample_sizes"]["train"] == len(member)
+    assert pooled["sample_sizes"]["holdout"] == len(nonmember)
+    assert pooled["mia"]["gan_leaks_pixel"]["auc"] == pytest.approx(auc, abs=0.005)
+    ratio = np.median(np.concatenate(d_twin)) / np.median(np.concatenate(d_hold))
+    assert pooled["dcr"]["pixel"]["ratio"] == pytest.approx(ratio, rel=0.03)
+
+
+def test_duplicates_in_real_data_are_not_blamed(hospitals, cfg):
+    h = hospitals[0]
+    train = np.concatenate([h.train.images, h.train.images[:5]])  # 5 duplicate trainings
+    holdout = np.concatenate([h.holdout.images, h.train.images[5:9]])  # 4 members in disguise
+    twin = noise_twin(hospitals, 200)
+    before = audit.site_audit(twin, h.train.images, h.holdout.images, cfg)
+    site = audit.site_audit(twin, train, holdout, cfg)
+    assert site["train_duplicates_removed"] == before["train_duplicates_removed"] + 5
+    assert site["holdout_in_train_removed"] == before["holdout_in_train_removed"] + 4
+    assert site["n_holdout"] == before["n_holdout"]
+    assert site["copies"]["near_copies"] == 0
+    # ... but a copy of a duplicated training image is still a copy
+    copied = np.concatenate([twin, h.train.images[:3]])
+    assert audit.site_audit(copied, train, holdout, cfg)["copies"]["near_copies"] == 3
+
+
+def test_too_small_holdout_is_a_clear_error(hospitals, cfg):
+    h = hospitals[0]
+    with pytest.raises(audit.AuditError, match="holdout_fraction"):
+        audit.site_audit(h.train.images[:10], h.train.images, h.holdout.images[:2], cfg)
+
+
+def test_auc_from_hists_matches_sklearn():
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 50, 300), rng.integers(10, 60, 200)
+    edges = np.arange(0, 61) - 0.5  # one bin per integer score
+    auc = audit.auc_from_hists(audit.hist(pos, edges), audit.hist(neg, edges))
+    truth = np.r_[np.ones(300), np.zeros(200)]
+    assert auc == pytest.approx(roc_auc_score(truth, np.r_[pos, neg]), abs=1e-12)
+    lo, hi = audit.auc_interval(auc, 300, 200)
+    assert lo < auc < hi and hi - lo < 0.2

@@ -1,0 +1,153 @@
+"""The signed datasheet: ``fedtwin verify`` passes on a fresh twin and names every changed
+file; the gate signs only twins that passed the audit or were overridden on the record."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import numpy as np
+import pytest
+from fedtwin.server.publish import write_gated_twin
+
+from fedtwin.cli import main
+from fedtwin.config import load_config
+from fedtwin.signing import (
+    load_public_key,
+    make_signing_key,
+    public_key_path,
+    sign_twin,
+    verify_twin,
+)
+from fedtwin.twin import write_twin
+
+
+@pytest.fixture
+def key_path(tmp_path):
+    path = tmp_path / "keys" / "signing.pem"
+    make_signing_key(path)
+    return path
+
+
+def small_twin(out, n: int = 6):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 2, n)
+    write_twin(
+        out,
+        images,
+        labels,
+        class_names=["normal", "pneumonia"],
+        provenance={"gate": {"audit_verdict": "pass", "signed": True, "override": None}},
+        documents={"audit.json": {"verdict": "pass"}},
+    )
+    return out
+
+
+def flip_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_key_is_private_and_never_overwritten(key_path):
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert public_key_path(key_path).is_file()
+    before = key_path.read_bytes()
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        make_signing_key(key_path)
+    assert key_path.read_bytes() == before
+
+
+def test_fresh_twin_verifies(tmp_path, key_path):
+    from fedtwin.signing import load_signing_key
+
+    twin = small_twin(tmp_path / "twin")
+    sign_twin(twin, load_signing_key(key_path))
+    result = verify_twin(twin, load_public_key(public_key_path(key_path)))
+    assert result.ok, result.problems
+    assert result.files_checked == 6 + 3  # dicom files, images.npz, labels.csv, audit.json
+    assert main(["verify", str(twin), "--public-key", str(public_key_path(key_path))]) == 0
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "images.npz",
+        "labels.csv",
+        "dicom/twin-000003.dcm",
+        "audit.json",
+        "manifest.json",
+        "manifest.sig",
+    ],
+)
+def test_any_changed_byte_fails_and_names_the_file(tmp_path, key_path, target, capsys):
+    from fedtwin.signing import load_signing_key
+
+    twin = small_twin(tmp_path / "twin")
+    sign_twin(twin, load_signing_key(key_path))
+    flip_byte(twin / target)
+    trusted = load_public_key(public_key_path(key_path))
+    for key in (trusted, None):  # with the consortium's key, and with the embedded one
+        result = verify_twin(twin, key)
+        assert not result.ok
+        assert any(p.startswith(target) or target in p for p in result.problems), result.problems
+    assert main(["verify", str(twin)]) == 1
+    assert "FAIL" in capsys.readouterr().err
+
+
+def test_signature_by_another_key_is_refused(tmp_path, key_path):
+    from fedtwin.signing import load_signing_key
+
+    twin = small_twin(tmp_path / "twin")
+    other = make_signing_key(tmp_path / "other.pem")
+    sign_twin(twin, other)
+    assert verify_twin(twin).ok  # consistent in itself ...
+    result = verify_twin(twin, load_public_key(public_key_path(key_path)))
+    assert not result.ok and "not by the trusted key" in result.problems[0]
+    # ... and an added file is named too
+    (twin / "extra.txt").write_text("x")
+    sign_twin(twin, load_signing_key(key_path))
+    assert any("extra.txt" in p for p in verify_twin(twin).problems)
+
+
+def gated(tmp_path, verdict: str, override):
+    cfg = load_config([f"twin.signing_key={tmp_path / 'keys' / 'signing.pem'}"])
+    cfg["audit"]["override"] = override
+    cfg["twin"]["dicom"] = False
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), np.array([0, 1, 0, 1])
+    audit = {
+        "verdict": verdict,
+        "checks": [{"check": "near copies", "value": 3, "rule": "<= 0", "passed": False}],
+        "mia": {},
+        "near_copies": {"near_copies": 3},
+        "sample_sizes": {},
+        "notes": [],
+        "not_audited": {"hospitals": [], "nodes": []},
+    }
+    history = [{"round": 1, "hospitals": {"hospital-0": {"epsilon": 1.0}}}]
+    utility = {"auc": 0.5, "acc": 0.5, "n": 10, "per_hospital": {}}
+    gate = write_gated_twin(tmp_path, cfg, images, labels, audit, utility, history)
+    return gate, tmp_path / "twin"
+
+
+def test_failed_audit_is_not_signed(tmp_path, key_path, capsys):
+    gate, twin = gated(tmp_path, "fail", None)
+    assert gate == {"audit_verdict": "fail", "signed": False, "override": None}
+    assert not (twin / "manifest.sig").exists()
+    result = verify_twin(twin)
+    assert not result.ok and "not signed (audit verdict: fail)" in result.problems[0]
+    assert main(["verify", str(twin)]) == 1
+
+
+def test_override_is_signed_recorded_and_reported(tmp_path, key_path, capsys):
+    reason = "ethics board approved, ticket 42"
+    gate, twin = gated(tmp_path, "fail", reason)
+    assert gate["signed"] and gate["override"] == reason
+    manifest = json.loads((twin / "manifest.json").read_text())
+    assert manifest["gate"]["override"] == reason
+    result = verify_twin(twin, load_public_key(public_key_path(key_path)))
+    assert result.ok and any(reason in n for n in result.notes)
+    assert main(["verify", str(twin)]) == 0
+    assert reason in capsys.readouterr().out
