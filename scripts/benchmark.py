@@ -7,6 +7,8 @@
       epsilon directly on the real data (same hospitals)
   (d) throughput: DP vs non-DP local training samples/s for the same model, generation
       images/s, DICOM files written/s
+  (e) the privacy audit: wall time per hospital (audit + utility scoring) for twins of
+      1k, 5k and 20k images, and its growth with the twin's size
 
 Usage: python scripts/benchmark.py --out runs/benchmark.json [--quick] [--parts a,b,c,d]
        [hydra overrides...]. Each part is written as soon as it ends; a failed part records
@@ -54,7 +56,12 @@ def run_demo_command(out: Path, overrides: list[str]) -> dict:
     ev = summary["evaluation"]
     return {
         "command_wall_time_s": wall,
-        "train_time_s": summary["train_time_s"],
+        "federation_time_s": summary["federation_time_s"],
+        "gate": summary["gate"],
+        "audit": summary["audit"],
+        "federated_utility": {
+            k: summary["federated_utility"][k] for k in ("auc", "acc", "n", "per_hospital")
+        },
         "rounds_completed": summary["rounds_completed"],
         "epsilon_per_hospital": summary["epsilon_per_hospital"],
         "delta": summary["delta"],
@@ -160,10 +167,60 @@ def part_d(cfg: dict) -> dict:
     return out
 
 
+def part_e(cfg: dict) -> dict:
+    from fedtwin.audit import site_audit
+    from fedtwin.demo import load_real_data, simulate_hospitals
+    from fedtwin.metrics import features, train_classifier
+    from fedtwin.models import build_model
+    from fedtwin.twin import generate
+    from fedtwin.utility import site_utility
+
+    train, _, _ = load_real_data(cfg)
+    hospitals = simulate_hospitals(cfg, train)
+    n_classes, size = len(cfg["data"]["classes"]), int(cfg["data"]["image_size"])
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], n_classes, size)  # timing does not depend on weights
+    sizes = (200, 500, 1000) if cfg.get("quick") else (1000, 5000, 20000)
+    out: dict = {
+        "what": "site_audit + site_utility at each hospital (the work of one audit query), "
+        "twin from an untrained generator: the work depends on sizes, not on content",
+        "threads": torch.get_num_threads(),
+        "hospitals": {
+            h.name: {"train": len(h.train), "holdout": len(h.holdout)} for h in hospitals
+        },
+        "by_twin_size": {},
+    }
+    for n in sizes:
+        labels = np.arange(n) % n_classes
+        twin = generate(model, labels, seed=0)
+        start = time.time()
+        clf = train_classifier(twin, labels, n_classes, epochs=1, batch_size=128, lr=1e-3, seed=0)
+        row: dict = {"classifier_1_epoch_s": time.time() - start, "per_hospital_s": {}}
+        for h in hospitals:
+            start = time.time()
+            site_audit(
+                twin,
+                h.train.images,
+                h.holdout.images,
+                cfg["audit"],
+                embed=lambda x, clf=clf: features(clf, x),
+            )
+            site_utility(clf, h.holdout.images, h.holdout.labels)
+            row["per_hospital_s"][h.name] = time.time() - start
+        row["mean_per_hospital_s"] = float(np.mean(list(row["per_hospital_s"].values())))
+        out["by_twin_size"][str(n)] = row
+        print(f"[benchmark] audit, twin of {n}: {row['mean_per_hospital_s']:.1f} s per hospital")
+    first, last = (
+        out["by_twin_size"][str(n)]["mean_per_hospital_s"] for n in (sizes[0], sizes[-1])
+    )
+    out[f"growth_{sizes[-1]}_over_{sizes[0]}"] = last / first
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
-    parser.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    parser.add_argument("--parts", default="a,b,c,d,e", help="comma-separated subset of a-e")
     parser.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every part")
     args = parser.parse_args()
@@ -190,6 +247,7 @@ def main() -> int:
         "b": ("b_central", lambda: part_b(out_dir, overrides)),
         "c": ("c_dp_classifier_baseline", lambda: part_c(cfg)),
         "d": ("d_throughput", lambda: part_d(cfg)),
+        "e": ("e_audit", lambda: part_e(cfg)),
     }
     for key in args.parts.split(","):
         name, run = parts[key.strip()]
@@ -217,7 +275,8 @@ def summary_lines(result: dict) -> str:
             lines.append(
                 f"{name}: TSTR AUC {tstr['auc_mean']:.3f} ACC {tstr['acc_mean']:.3f} | "
                 f"TRTR AUC {trtr['auc_mean']:.3f} | Fréchet {fr['twin_vs_val']:.2f} "
-                f"(floor {fr['train_vs_val_floor']:.2f}) | {r['command_wall_time_s']:.0f} s"
+                f"(floor {fr['train_vs_val_floor']:.2f}) | {r['command_wall_time_s']:.0f} s | "
+                f"audit {r['gate']['audit_verdict']}"
             )
     c = result.get("c_dp_classifier_baseline", {})
     if "auc_mean" in c:
@@ -228,6 +287,11 @@ def summary_lines(result: dict) -> str:
             f"d: DP {d['dp_samples_per_s']:.0f} vs no-DP {d['no_dp_samples_per_s']:.0f} samples/s "
             f"(ratio {d['dp_over_no_dp_throughput']:.2f}), generation "
             f"{d['generation_images_per_s']:.0f} img/s, DICOM {d['dicom_files_per_s']:.0f} files/s"
+        )
+    e = result.get("e_audit", {})
+    for n, row in e.get("by_twin_size", {}).items():
+        lines.append(
+            f"e: audit of a {n}-image twin: {row['mean_per_hospital_s']:.1f} s per hospital"
         )
     for name, r in result.items():
         if isinstance(r, dict) and "error" in r:
