@@ -59,8 +59,23 @@ def main(argv: list[str] | None = None) -> int:
         "--public-key", type=Path, help="the consortium's Ed25519 public key (PEM) to trust"
     )
 
-    pki = sub.add_parser("pki", help="keys of the consortium")
+    pki = sub.add_parser("pki", help="the consortium's keys and certificates")
     psub = pki.add_subparsers(dest="action", required=True)
+    pinit = psub.add_parser("init", help="make the consortium CA")
+    pinit.add_argument("--dir", required=True, type=Path, help="PKI directory")
+    pserver = psub.add_parser("server", help="TLS certificate of a server (SuperLink, catalog)")
+    pserver.add_argument("--dir", required=True, type=Path)
+    pserver.add_argument("--name", required=True, help="file stem, e.g. superlink")
+    pserver.add_argument(
+        "--host", action="append", required=True, help="DNS name or IP (repeat for several)"
+    )
+    pcert = psub.add_parser("cert", help="client certificate with a role (mutual TLS)")
+    pcert.add_argument("--dir", required=True, type=Path)
+    pcert.add_argument("--name", required=True, help="who it is for, e.g. alice")
+    pcert.add_argument("--role", required=True, choices=["operator", "hospital", "researcher"])
+    pnode = psub.add_parser("node", help="a hospital's SuperNode authentication key pair")
+    pnode.add_argument("--dir", required=True, type=Path)
+    pnode.add_argument("--name", required=True, help="hospital name, e.g. hospital-0")
     skey = psub.add_parser("signing-key", help="make the consortium's Ed25519 twin-signing key")
     skey.add_argument("--out", required=True, type=Path, help="private key path (PEM, 0600)")
 
@@ -148,11 +163,26 @@ def cmd_verify(args) -> int:
 
 
 def cmd_pki(args) -> int:
+    from fedtwin import pki
     from fedtwin.signing import make_signing_key, public_key_path
 
-    make_signing_key(args.out)
-    print(f"private key: {args.out} (mode 0600, keep it at the operator)")
-    print(f"public key:  {public_key_path(args.out)} (give it to everyone who verifies twins)")
+    if args.action == "signing-key":
+        make_signing_key(args.out)
+        print(f"private key: {args.out} (mode 0600, keep it at the operator)")
+        print(f"public key:  {public_key_path(args.out)} (for everyone who verifies twins)")
+    elif args.action == "init":
+        print(f"CA certificate: {pki.init_ca(args.dir)} (give it to every node and client)")
+        print(f"CA key: {args.dir / pki.CA_KEY} (mode 0600, keep it offline)")
+    elif args.action == "server":
+        cert = pki.issue_server(args.dir, args.name, args.host)
+        print(f"server certificate: {cert}, key: {cert.with_suffix('.key')} (mode 0600)")
+    elif args.action == "cert":
+        cert = pki.issue_client(args.dir, args.name, args.role)
+        print(f"{args.role} certificate: {cert}, key: {cert.with_suffix('.key')} (mode 0600)")
+    else:
+        key, pub = pki.make_node_keys(args.dir, args.name)
+        print(f"SuperNode key: {key} (mode 0600, stays at {args.name})")
+        print(f"public key: {pub} (the operator registers it at the SuperLink)")
     return 0
 
 

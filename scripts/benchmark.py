@@ -175,7 +175,7 @@ def part_e(cfg: dict) -> dict:
     from fedtwin.twin import generate
     from fedtwin.utility import site_utility
 
-    train, _, _ = load_real_data(cfg)
+    train, val, _ = load_real_data(cfg)
     hospitals = simulate_hospitals(cfg, train)
     n_classes, size = len(cfg["data"]["classes"]), int(cfg["data"]["image_size"])
     torch.manual_seed(0)
