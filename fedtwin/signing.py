@@ -142,7 +142,9 @@ def verify_twin(twin_dir: Path, public_key: Ed25519PublicKey | None = None) -> V
             f"{SIGNATURE}: missing — this twin was not signed (audit verdict: {verdict})"
         )
     else:
-        result.problems += _check_signature(sig_path, manifest_bytes, public_key, result.notes)
+        problems, notes = check_signature(sig_path.read_bytes(), manifest_bytes, public_key)
+        result.problems += problems
+        result.notes += notes
     if gate.get("override"):
         result.notes.append(
             f"published although the audit failed: operator override "
@@ -164,10 +166,31 @@ def verify_twin(twin_dir: Path, public_key: Ed25519PublicKey | None = None) -> V
     return result
 
 
-def _check_signature(
-    sig_path: Path, manifest: bytes, trusted: Ed25519PublicKey | None, notes: list[str]
-) -> list[str]:
-    raw = sig_path.read_bytes()
+def check_signature(
+    raw: bytes, manifest: bytes, trusted: Ed25519PublicKey | None
+) -> tuple[list[str], list[str]]:
+    """Problems and notes for signature document ``raw`` (manifest.sig) over ``manifest``."""
+    problems, notes = _signature_problems(raw, manifest, trusted)
+    if not problems and trusted is None:
+        notes.append(
+            f"signature checked against the key in {SIGNATURE} ({signer(raw)}); "
+            f"pass --public-key with the consortium's key to check who signed it"
+        )
+    return problems, notes
+
+
+def signer(raw: bytes) -> str:
+    """The key fingerprint a signature document names ("" if unreadable)."""
+    try:
+        return str(json.loads(raw).get("key_fingerprint", ""))
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return ""
+
+
+def _signature_problems(
+    raw: bytes, manifest: bytes, trusted: Ed25519PublicKey | None
+) -> tuple[list[str], list[str]]:
+    notes: list[str] = []
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict):
@@ -175,26 +198,20 @@ def _check_signature(
         embedded = Ed25519PublicKey.from_public_bytes(base64.b64decode(doc["public_key"]))
         signature = base64.b64decode(doc["signature"], validate=True)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        return [f"{SIGNATURE}: unreadable ({e})"]
+        return [f"{SIGNATURE}: unreadable ({e})"], notes
     if doc.get("algorithm") != "Ed25519" or doc.get("signed_file") != MANIFEST:
-        return [f"{SIGNATURE}: expected an Ed25519 signature of {MANIFEST}"]
+        return [f"{SIGNATURE}: expected an Ed25519 signature of {MANIFEST}"], notes
     if doc.get("key_fingerprint") != fingerprint(embedded):
-        return [f"{SIGNATURE}: key fingerprint does not match its public key"]
+        return [f"{SIGNATURE}: key fingerprint does not match its public key"], notes
     if (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode() != raw:
-        return [f"{SIGNATURE}: not in the form fedtwin writes (altered?)"]
-    key = trusted or embedded
+        return [f"{SIGNATURE}: not in the form fedtwin writes (altered?)"], notes
     if trusted is not None and fingerprint(trusted) != fingerprint(embedded):
         return [
             f"{SIGNATURE}: signed by {fingerprint(embedded)}, not by the trusted key "
             f"{fingerprint(trusted)}"
-        ]
+        ], notes
     try:
-        key.verify(signature, manifest)
+        (trusted or embedded).verify(signature, manifest)
     except InvalidSignature:
-        return [f"{MANIFEST}: the signature does not verify (the manifest was changed)"]
-    if trusted is None:
-        notes.append(
-            f"signature checked against the key in {SIGNATURE} ({fingerprint(embedded)}); "
-            f"pass --public-key with the consortium's key to check who signed it"
-        )
-    return []
+        return [f"{MANIFEST}: the signature does not verify (the manifest was changed)"], notes
+    return [], notes
