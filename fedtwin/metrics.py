@@ -115,6 +115,22 @@ def predict_proba(model: Classifier, images: np.ndarray, batch: int = 512) -> np
     return _batched(lambda x: F.softmax(model(x), 1), images, batch).numpy()
 
 
+def predict_log_odds(model: Classifier, images: np.ndarray, batch: int = 512) -> np.ndarray:
+    """uint8 ``(N, H, W)`` -> ``log p(c) - log(1 - p(c))`` per class ``(N, n_classes)``, from
+    the logits, so it stays exact where probabilities round to 0 or 1."""
+    model.eval()
+
+    def odds(x):
+        logp = F.log_softmax(model(x).double(), 1)
+        k = logp.shape[1]
+        others = torch.stack(
+            [torch.logsumexp(logp[:, [j for j in range(k) if j != c]], 1) for c in range(k)], 1
+        )
+        return logp - others
+
+    return _batched(odds, images, batch).numpy()
+
+
 def features(model: Classifier, images: np.ndarray, batch: int = 512) -> np.ndarray:
     """uint8 ``(N, H, W)`` -> penultimate features ``(N, 64)`` float64."""
     model.eval()

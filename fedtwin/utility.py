@@ -2,7 +2,7 @@
 
 The server trains the classifier on the twin alone (so it may travel: it has seen no real
 image), each hospital scores it on its holdout with :func:`site_utility` and returns
-histograms of the predicted probabilities on fixed bins and counts; :func:`pool_utility`
+histograms of the predicted log-odds of each class on fixed bins, and counts; :func:`pool_utility`
 adds them up into one AUC and accuracy over all holdouts.
 """
 
@@ -14,24 +14,27 @@ from typing import Any
 import numpy as np
 
 from fedtwin.audit import auc_from_hists, hist
-from fedtwin.metrics import Classifier, predict_proba
+from fedtwin.metrics import Classifier, predict_log_odds
 
-PROBABILITY_BINS = np.linspace(0.0, 1.0, 1025)
+# Log-odds, not probabilities: a confident classifier puts most probabilities within 1e-4
+# of 0 or 1, where probability bins would tie them all and lose the ranking (AUC -> 0.5).
+# Bins of 0.02 in log-odds; the rare values beyond +-40 go into the end bins.
+SCORE_BINS = np.linspace(-40.0, 40.0, 4001)
 
 
 def site_utility(model: Classifier, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Per class ``c``: histograms of ``p(c)`` over images of class ``c`` and of other
-    classes, and how many of each class were classified right. No per-image value."""
-    probs = predict_proba(model, images)
-    n_classes = probs.shape[1]
+    """Per class ``c``: histograms of the log-odds of ``c`` over images of class ``c`` and
+    of other classes, and how many of each class were classified right. No per-image value."""
+    scores = predict_log_odds(model, images)
+    n_classes = scores.shape[1]
     out: dict[str, Any] = {"n": len(labels), "per_class": {}}
     for c in range(n_classes):
         mine = labels == c
         out["per_class"][str(c)] = {
-            "positive": hist(probs[mine, c], PROBABILITY_BINS),
-            "negative": hist(probs[~mine, c], PROBABILITY_BINS),
+            "positive": hist(scores[mine, c], SCORE_BINS),
+            "negative": hist(scores[~mine, c], SCORE_BINS),
             "n": int(mine.sum()),
-            "correct": int(np.sum(probs[mine].argmax(1) == c)),
+            "correct": int(np.sum(scores[mine].argmax(1) == c)),
         }
     return out
 

@@ -160,3 +160,23 @@ def test_auc_from_hists_matches_sklearn():
     assert auc == pytest.approx(roc_auc_score(truth, np.r_[pos, neg]), abs=1e-12)
     lo, hi = audit.auc_interval(auc, 300, 200)
     assert lo < auc < hi and hi - lo < 0.2
+
+
+def test_pooled_utility_equals_centralized_even_for_a_confident_classifier(hospitals):
+    from fedtwin.metrics import Classifier, classification_scores, predict_proba
+    from fedtwin.utility import pool_utility, site_utility
+
+    torch.manual_seed(0)
+    clf = Classifier(2)
+    with torch.no_grad():  # logits of +-20 and more: probabilities round to 0 and 1
+        clf.head.weight.mul_(400.0)
+    images = np.concatenate([h.holdout.images for h in hospitals])
+    labels = np.concatenate([h.holdout.labels for h in hospitals])
+    probs = predict_proba(clf, images)
+    assert np.mean((probs[:, 1] < 1e-6) | (probs[:, 1] > 1 - 1e-6)) > 0.5
+    direct = classification_scores(probs, labels)
+    pooled = pool_utility({h.name: site_utility(clf, h.holdout.images, h.holdout.labels)
+                           for h in hospitals})  # fmt: skip
+    assert pooled["n"] == len(labels)
+    assert pooled["acc"] == pytest.approx(direct["acc"])
+    assert pooled["auc"] == pytest.approx(direct["auc"], abs=0.005)

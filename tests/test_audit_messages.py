@@ -20,7 +20,7 @@ from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.metrics import train_classifier
 from fedtwin.training import get_weights
-from fedtwin.utility import PROBABILITY_BINS
+from fedtwin.utility import SCORE_BINS
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def replies(data_path):
 def test_reply_holds_only_counts_and_fixed_size_histograms(replies):
     hospitals, cfg, out = replies
     bins = int(cfg["audit"]["bins"])
-    allowed_lengths = {bins, len(PROBABILITY_BINS) - 1}
+    allowed_lengths = {bins, len(SCORE_BINS) - 1}
     for h, reply in zip(hospitals, out, strict=True):
         assert not reply.has_error()
         assert set(reply.content.keys()) == {messages.AUDIT, messages.UTILITY, messages.HOSPITAL}
