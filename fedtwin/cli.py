@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,9 @@ EPILOG = """examples:
   fedtwin data download                                # fetch PneumoniaMNIST into the cache
   fedtwin verify runs/demo/twin --public-key runs/demo/keys/consortium-signing.pem.pub
   fedtwin pki signing-key --out keys/consortium-signing.pem
+  fedtwin catalog serve --root catalog --pki pki --signing-key keys/consortium-signing.pem.pub
+  fedtwin twins --ca pki/ca.pem --cert pki/alice.pem   # what the catalog offers
+  fedtwin pull pneumonia-twin:1 --out twins/pneumonia --ca pki/ca.pem --cert pki/alice.pem
 """
 
 
@@ -79,6 +83,59 @@ def main(argv: list[str] | None = None) -> int:
     skey = psub.add_parser("signing-key", help="make the consortium's Ed25519 twin-signing key")
     skey.add_argument("--out", required=True, type=Path, help="private key path (PEM, 0600)")
 
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument(
+        "--catalog",
+        default=os.environ.get("FEDTWIN_CATALOG", "127.0.0.1:50051"),
+        help="catalog address host:port (env FEDTWIN_CATALOG; default 127.0.0.1:50051)",
+    )
+    conn.add_argument(
+        "--ca", type=Path, default=_env_path("FEDTWIN_CA"), help="consortium CA (env FEDTWIN_CA)"
+    )
+    conn.add_argument(
+        "--cert",
+        type=Path,
+        default=_env_path("FEDTWIN_CERT"),
+        help="your client certificate (env FEDTWIN_CERT)",
+    )
+    conn.add_argument(
+        "--key", type=Path, default=_env_path("FEDTWIN_KEY"), help="its key (default: CERT.key)"
+    )
+
+    catalog = sub.add_parser("catalog", help="run the twin catalog; publish twins to it")
+    csub = catalog.add_subparsers(dest="action", required=True)
+    serve = csub.add_parser("serve", help="serve the catalog over mutual TLS")
+    serve.add_argument("--root", required=True, type=Path, help="catalog storage directory")
+    serve.add_argument("--address", default="127.0.0.1:50051", help="host:port (port 0: free)")
+    serve.add_argument(
+        "--pki", required=True, type=Path, help="PKI directory (ca.pem, NAME.pem, NAME.key)"
+    )
+    serve.add_argument("--name", default="catalog", help="server certificate stem in --pki")
+    serve.add_argument(
+        "--signing-key",
+        required=True,
+        type=Path,
+        help="the consortium's Ed25519 public key: only twins it signed are accepted",
+    )
+    cpub = csub.add_parser("publish", parents=[conn], help="upload a signed twin (operator)")
+    cpub.add_argument("twin", type=Path, help="twin directory")
+    cpub.add_argument("--name", required=True, help="catalog name, e.g. pneumonia-twin")
+    cpub.add_argument("--version", required=True, help="e.g. 1 or 2026-11")
+    cpub.add_argument(
+        "--modality", default="OT", help="DICOM modality of the source images, e.g. CR"
+    )
+
+    sub.add_parser("twins", parents=[conn], help="list the catalog's twins")
+    pull = sub.add_parser("pull", parents=[conn], help="download and verify a twin")
+    pull.add_argument("twin", help="NAME or NAME:VERSION (default: the latest version)")
+    pull.add_argument("--out", required=True, type=Path, help="new directory for the twin")
+    pull.add_argument(
+        "--public-key", type=Path, help="the consortium's Ed25519 public key (PEM) to trust"
+    )
+    pull.add_argument(
+        "--limit-rate", type=_rate, help="cap the download rate, bytes/s (e.g. 500k, 2M)"
+    )
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
@@ -87,6 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"fedtwin {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _env_path(name: str) -> Path | None:
+    return Path(os.environ[name]) if os.environ.get(name) else None
+
+
+def _rate(text: str) -> float:
+    """``500k``, ``2M``, ``1000`` -> bytes per second."""
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
+    number = text[:-1] if scale != 1.0 else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes/s such as 500k or 2M") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
 
 
 def cmd_demo(args) -> int:
@@ -186,6 +260,106 @@ def cmd_pki(args) -> int:
     return 0
 
 
+def _stub(args):
+    from fedtwin.catalog.client import Identity, connect
+
+    if args.ca is None or args.cert is None:
+        raise ValueError("give --ca and --cert (or set FEDTWIN_CA and FEDTWIN_CERT)")
+    key = args.key or args.cert.with_suffix(".key")
+    return connect(Identity(args.catalog, args.ca, args.cert, key))
+
+
+def _rpc_error(command: str, e) -> int:
+    import grpc
+
+    hint = ""
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        hint = (
+            " (is the catalog running at that address, and are --ca/--cert/--key from the "
+            "consortium's PKI?)"
+        )
+    print(f"fedtwin {command}: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
+    return 3
+
+
+def cmd_catalog(args) -> int:
+    import grpc
+
+    from fedtwin.signing import load_public_key
+
+    if args.action == "serve":
+        from fedtwin.catalog.server import serve
+
+        logging.getLogger("fedtwin").setLevel(logging.INFO)
+        serve(
+            args.root,
+            args.address,
+            ca=args.pki / "ca.pem",
+            cert=args.pki / f"{args.name}.pem",
+            key=args.pki / f"{args.name}.key",
+            signing_key=load_public_key(args.signing_key),
+        )
+        return 0
+    from fedtwin.catalog.client import publish
+
+    try:
+        s = publish(_stub(args), args.twin, args.name, args.version, args.modality, True)
+    except grpc.RpcError as e:
+        return _rpc_error("catalog publish", e)
+    print(f"published {s.name}:{s.version}: {s.images} images, {s.size_bytes} bytes")
+    return 0
+
+
+def cmd_twins(args) -> int:
+    import grpc
+
+    from fedtwin.catalog.client import list_twins
+
+    try:
+        twins = list_twins(_stub(args))
+    except grpc.RpcError as e:
+        return _rpc_error("twins", e)
+    if not twins:
+        print("the catalog has no twins yet")
+    for t in twins:
+        eps = f"eps {t.epsilon_max:.2f} delta {t.delta:g}" if t.epsilon_max >= 0 else "no DP"
+        print(
+            f"{t.name}:{t.version}  {t.images} images  {t.size_bytes / 1e6:.1f} MB  {eps}  "
+            f"audit {t.audit_verdict}  {t.modality}  published {t.published_at}"
+        )
+    return 0
+
+
+def cmd_pull(args) -> int:
+    import grpc
+
+    from fedtwin.catalog.client import TwinRejected, pull
+    from fedtwin.catalog.common import parse_ref
+    from fedtwin.signing import load_public_key
+
+    name, version = parse_ref(args.twin)
+    key = load_public_key(args.public_key) if args.public_key else None
+    try:
+        result = pull(
+            _stub(args),
+            name,
+            version,
+            args.out,
+            trusted=key,
+            limit_rate=args.limit_rate,
+            progress=True,
+        )
+    except grpc.RpcError as e:
+        return _rpc_error("pull", e)
+    except TwinRejected as e:
+        print(f"fedtwin pull: REFUSED: {e}", file=sys.stderr)
+        return 1
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"OK: {args.out}: signature and {result.files_checked} files check out")
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "hospitals": cmd_hospitals,
@@ -193,6 +367,9 @@ COMMANDS = {
     "data": cmd_data,
     "verify": cmd_verify,
     "pki": cmd_pki,
+    "catalog": cmd_catalog,
+    "twins": cmd_twins,
+    "pull": cmd_pull,
 }
 
 if __name__ == "__main__":

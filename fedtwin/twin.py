@@ -131,3 +131,38 @@ def write_twin(
 
 
 _NOT_HASHED = {"manifest.json", "manifest.sig"}
+
+
+class TwinDataset(torch.utils.data.Dataset):
+    """A twin as a torch ``Dataset`` of ``(image, label)``: float32 ``(1, H, W)`` in [0, 1]
+    and an int, from ``images.npz``. Checks the twin first (as ``fedtwin verify``, against
+    ``public_key`` when given) unless ``verify=False``::
+
+        from fedtwin import TwinDataset
+        loader = torch.utils.data.DataLoader(TwinDataset("twins/pneumonia"), batch_size=64)
+    """
+
+    def __init__(self, twin_dir: Path | str, transform=None, verify: bool = True, public_key=None):
+        from fedtwin.signing import verify_twin
+
+        twin_dir = Path(twin_dir)
+        if verify:
+            result = verify_twin(twin_dir, public_key)
+            if not result.ok:
+                raise ValueError(
+                    f"{twin_dir} does not verify: {'; '.join(result.problems)} "
+                    f"(pass verify=False to load it anyway)"
+                )
+        with np.load(twin_dir / "images.npz") as data:
+            self.images = torch.from_numpy(data["train_images"]).unsqueeze(1)
+            self.labels = torch.from_numpy(data["train_labels"].reshape(-1).astype(np.int64))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = self.images[i].float() / 255.0
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[i])

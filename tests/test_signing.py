@@ -151,3 +151,20 @@ def test_override_is_signed_recorded_and_reported(tmp_path, key_path, capsys):
     assert result.ok and any(reason in n for n in result.notes)
     assert main(["verify", str(twin)]) == 0
     assert reason in capsys.readouterr().out
+
+
+def test_twin_dataset_loads_a_verified_twin_and_refuses_a_changed_one(tmp_path, key_path):
+    from fedtwin import TwinDataset
+    from fedtwin.signing import load_signing_key
+
+    twin = small_twin(tmp_path / "twin")
+    sign_twin(twin, load_signing_key(key_path))
+    ds = TwinDataset(twin, public_key=load_public_key(public_key_path(key_path)))
+    image, label = ds[5]
+    with np.load(twin / "images.npz") as data:
+        assert np.array_equal((image[0] * 255).round().numpy(), data["train_images"][5])
+        assert label == int(data["train_labels"][5, 0])
+    flip_byte(twin / "labels.csv")
+    with pytest.raises(ValueError, match="labels.csv"):
+        TwinDataset(twin)
+    assert len(TwinDataset(twin, verify=False)) == 6

@@ -1,0 +1,248 @@
+"""``fedtwin catalog serve``: the TwinCatalog gRPC service over mutual TLS.
+
+Who may do what comes from the caller's client certificate, which must chain to the
+consortium CA (the TLS layer refuses anything else) and carry a role in its subject OU
+(``fedtwin.pki``): researchers and operators list, inspect and pull; only operators
+publish. A published twin must be signed by the consortium's signing key and every file
+must match the manifest's sha256; it is listed only once all of it is stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedtwin.catalog.common import CHANNEL_OPTIONS, SERVICE, check_name, check_relpath
+from fedtwin.catalog.store import (
+    AlreadyPublished,
+    BlobMismatch,
+    CatalogStore,
+    FileRecord,
+    TwinRecord,
+)
+from fedtwin.catalog.v1 import catalog_pb2 as pb
+from fedtwin.catalog.v1 import catalog_pb2_grpc as pb_grpc
+from fedtwin.pki import role_of
+from fedtwin.signing import MANIFEST, check_signature, signer
+
+log = logging.getLogger(__name__)
+
+READ, PUBLISH = ("researcher", "operator"), ("operator",)
+
+
+def refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str):
+    """Log the refusal for the operator and end the call with ``code``."""
+    log.warning("refused %s: %s: %s", context.peer(), code.name, message)
+    context.abort(code, message)
+
+
+def caller_role(context: grpc.ServicerContext, allowed: tuple[str, ...]) -> str:
+    """The role in the caller's certificate; aborts PERMISSION_DENIED unless allowed."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    role = role_of(x509.load_pem_x509_certificate(pems[0])) if pems else None
+    if role not in allowed:
+        refuse(
+            context,
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"certificate role {role or 'none'} may not do this (needs {' or '.join(allowed)})",
+        )
+    return role
+
+
+def summary_message(record: TwinRecord) -> pb.TwinSummary:
+    s = record.summary
+    return pb.TwinSummary(
+        name=record.name,
+        version=record.version,
+        modality=record.modality,
+        images=s["images"],
+        size_bytes=s["size_bytes"],
+        epsilon_max=s["epsilon_max"],
+        delta=s["delta"],
+        audit_verdict=s["audit_verdict"],
+        published_at=record.published_at,
+        key_fingerprint=s["key_fingerprint"],
+    )
+
+
+def summarize(manifest: dict, signature: bytes) -> dict:
+    """The catalog's listing fields, read from a (signed) manifest."""
+    privacy = manifest.get("privacy", {})
+    epsilons = [float(e) for e in privacy.get("epsilon_per_hospital", {}).values()]
+    return {
+        "images": int(manifest.get("size", 0)),
+        # < 0 says "no DP guarantee" (DP off: epsilon is infinite) in a double field
+        "epsilon_max": max(epsilons, default=-1.0) if privacy.get("dp") else -1.0,
+        "delta": float(privacy.get("delta", 0.0)),
+        "audit_verdict": str(manifest.get("gate", {}).get("audit_verdict", "unknown")),
+        "key_fingerprint": signer(signature),
+    }
+
+
+class CatalogService(pb_grpc.TwinCatalogServicer):
+    def __init__(self, store: CatalogStore, signing_key: Ed25519PublicKey):
+        self.store = store
+        self.signing_key = signing_key
+
+    def _record(self, ref: pb.TwinRef, context, files: bool = True) -> TwinRecord:
+        try:
+            return self.store.get(ref.name, ref.version, files)
+        except KeyError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+
+    def ListTwins(self, request, context):
+        caller_role(context, READ)
+        return pb.ListTwinsResponse(twins=[summary_message(r) for r in self.store.list_twins()])
+
+    def GetManifest(self, request, context):
+        caller_role(context, READ)
+        record = self._record(request.twin, context)
+        return pb.GetManifestResponse(
+            summary=summary_message(record),
+            manifest=record.manifest,
+            signature=record.signature,
+            files=[pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256) for f in record.files],
+        )
+
+    def PullTwin(self, request, context) -> Iterator[pb.TwinChunk]:
+        caller_role(context, READ)
+        record = self._record(request.twin, context, files=False)
+        total = self.store.total_size(record.name, record.version)
+        if not 0 <= request.offset <= total:
+            context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"offset {request.offset} outside the twin's {total} bytes",
+            )
+        log.info("pull %s:%s from byte %d", record.name, record.version, request.offset)
+        start = 0
+        for f in self.store.iter_files(record.name, record.version):
+            if start + f.size > request.offset:
+                skip = max(0, request.offset - start)
+                position = start + skip
+                for data in self.store.read_blob(f.sha256, skip):
+                    yield pb.TwinChunk(offset=position, path=f.path, data=data)
+                    position += len(data)
+            start += f.size
+
+    def PublishTwin(self, request_iterator, context):
+        caller_role(context, PUBLISH)
+        requests = iter(request_iterator)
+        first = next(requests, None)
+        if first is None or first.WhichOneof("part") != "header":
+            refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "publish starts with a header")
+        header = first.header
+        try:
+            check_name(header.name, "name")
+            check_name(header.version, "version")
+        except ValueError as e:
+            refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        problems, _ = check_signature(header.signature, header.manifest, self.signing_key)
+        if problems:
+            refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "; ".join(problems))
+        try:
+            listed = json.loads(header.manifest)["files"].items()
+            expected = {check_relpath(path): sha for path, sha in listed}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{MANIFEST}: {e}")
+        if self.store.has(header.name, header.version):
+            refuse(
+                context,
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"{header.name}:{header.version} is already published; use a new version",
+            )
+
+        files: list[FileRecord] = []
+        waiting = dict(expected)  # the files not received yet
+        for path, group in itertools.groupby(requests, key=lambda r: r.data.path):
+            if path not in waiting:
+                why = "sent twice" if path in expected else f"not in {MANIFEST}"
+                refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{path!r}: {why}")
+            want = waiting.pop(path)
+            try:
+                sha, size = self.store.put_blob((r.data.data for r in group), want)
+            except BlobMismatch as e:
+                refuse(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{path}: sha256 {e.args[0]} does not match {MANIFEST} ({want})",
+                )
+            files.append(FileRecord(path, size, sha))
+        if waiting:
+            refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(waiting)} file(s) of {MANIFEST} not sent, e.g. {min(waiting)}",
+            )
+        record = TwinRecord(
+            name=header.name,
+            version=header.version,
+            modality=header.modality or "OT",
+            summary=summarize(json.loads(header.manifest), header.signature)
+            | {
+                "size_bytes": sum(f.size for f in files)
+                + len(header.manifest)
+                + len(header.signature)
+            },
+            manifest=header.manifest,
+            signature=header.signature,
+            published_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            files=tuple(files),
+        )
+        try:
+            self.store.add_twin(record)
+        except AlreadyPublished as e:
+            refuse(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
+        log.info("published %s:%s (%d files)", record.name, record.version, len(files))
+        return pb.PublishTwinResponse(summary=summary_message(record))
+
+
+def serve(
+    root: Path,
+    address: str,
+    *,
+    ca: Path,
+    cert: Path,
+    key: Path,
+    signing_key: Ed25519PublicKey,
+    workers: int = 16,
+) -> None:
+    """Serve the catalog in ``root`` on ``address`` until SIGINT/SIGTERM.
+
+    ``address`` may end in ``:0`` for a free port; the chosen one is printed.
+    """
+    store = CatalogStore(root)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+    pb_grpc.add_TwinCatalogServicer_to_server(CatalogService(store, signing_key), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [(Path(key).read_bytes(), Path(cert).read_bytes())],
+        root_certificates=Path(ca).read_bytes(),
+        require_client_auth=True,
+    )
+    host = address.rpartition(":")[0]
+    port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise RuntimeError(f"could not listen on {address} (in use, or not a local address?)")
+    server.start()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(f"catalog serving {root} on {host}:{port} (mutual TLS)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace=5).wait()
