@@ -1,9 +1,11 @@
 """Hospital side: a Flower ClientApp that adapts the core.
 
 - ``train``: each round it receives the global weights, runs the hospital's DP local round
-  (``fedtwin.training.local_round``), records the privacy spent in the node's persistent
-  state (the ClientApp object itself is rebuilt every round, the node state is not) and
-  sends back weights, example count and epsilon.
+  (``fedtwin.training.local_round``) within the budget of its privacy ledger
+  (``fedtwin.ledger``: SQLite on the hospital's disk, which outlives the ClientApp, the
+  node and the run), commits the privacy spent and the reply to the ledger, then sends
+  back weights, example count and epsilon. A request answered before is answered again
+  from the ledger at no privacy cost; one that would pass the budget is refused.
 - ``query.audit``: after training it receives the candidate twin and a classifier trained
   on it, runs the privacy audit (``fedtwin.audit.site_audit``) and the utility scoring
   (``fedtwin.utility.site_utility``) on its own images, and sends back aggregates only.
@@ -12,7 +14,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,15 +26,14 @@ from flwr.clientapp import ClientApp
 from fedtwin import messages
 from fedtwin.audit import site_audit
 from fedtwin.data import Hospital
+from fedtwin.ledger import Ledger, digest
 from fedtwin.metrics import Classifier, features
 from fedtwin.models import build_model
-from fedtwin.privacy import noisy_class_shares, plan_from_config
+from fedtwin.privacy import BudgetExceeded, PrivacyPlan, noisy_class_shares, plan_from_config
 from fedtwin.training import local_round, set_weights
 from fedtwin.utility import site_utility
 
-PRIVACY_STATE = "privacy-history"
 OPTIMIZER_STATE = "optimizer-state"  # Adam moments, local only: the next round resumes them
-LABEL_STATE = "label-shares"  # the hospital's noisy class shares, released once
 
 
 def round_seed(seed: int, hospital: str, server_round: int) -> int:
@@ -43,12 +46,27 @@ def _optimizer_state(context: Context) -> bytes:
     return bytes(record["state"]) if record is not None else b""
 
 
-def make_client_app(cfg: dict, load_hospital: Callable[[Context], Hospital]) -> ClientApp:
+def ledger_from_node_config(context: Context, hospital: Hospital) -> Path:
+    """Deployment: the node config names the hospital's ledger (``ledger=/path/to.sqlite``)."""
+    if "ledger" not in context.node_config:
+        raise ValueError(
+            f"{hospital.name}: the node config has no 'ledger' (the privacy ledger's path, "
+            f"e.g. --node-config \"ledger='/var/lib/fedtwin/ledger.sqlite'\")"
+        )
+    return Path(str(context.node_config["ledger"]))
+
+
+def make_client_app(
+    cfg: dict,
+    load_hospital: Callable[[Context], Hospital],
+    ledger_path: Callable[[Context, Hospital], Path] = ledger_from_node_config,
+) -> ClientApp:
     """A ClientApp for one consortium run.
 
     ``cfg`` is the resolved run config (plain dict); ``load_hospital`` gives the hospital's
     own data for the node running the app (its archive in deployment, its partition in
-    simulation). The hospital's budget (``privacy.*``) is read here, on the hospital's side.
+    simulation), ``ledger_path`` its privacy ledger. The hospital's budget (``privacy.*``)
+    is read here, on the hospital's side.
     """
     app = ClientApp()
 
@@ -56,56 +74,73 @@ def make_client_app(cfg: dict, load_hospital: Callable[[Context], Hospital]) -> 
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
         hospital = load_hospital(context)
-        fed = cfg["federation"]
+        fed, pcfg = cfg["federation"], cfg["privacy"]
         server = msg.content[messages.CONFIG]
         steps, batch = int(server["local-steps"]), int(fed["batch_size"])
+        server_round = int(server["server-round"])
+        ledger = Ledger(ledger_path(context, hospital), float(pcfg["delta"]), pcfg["accountant"])
+        request = digest(
+            hospital.name,
+            str(server_round),
+            str(steps),
+            *(a.tobytes() for a in messages.from_record(msg.content[messages.ARRAYS]).values()),
+        )
+        answered = ledger.answered("train", request)
+        if answered:  # a retried request: the same reply again costs no privacy
+            weights, metrics = messages.unpack_reply(answered)
+            return _train_reply(msg, hospital, weights, metrics)
+        if answered is not None:  # answered long ago, reply no longer kept: do not pay twice
+            reason = f"{hospital.name}: round {server_round} was answered before; not again"
+            ledger.refuse(reason, run=str(context.run_id), round=server_round)
+            raise BudgetExceeded(reason)
+
         plan = plan_from_config(
-            cfg["privacy"],
+            pcfg,
             n_train=len(hospital.train),
             batch_size=batch,
             # The hospital plans for the rounds it agreed to; the server cannot stretch it.
             total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
         )
-        history = messages.history_from_record(context.state.get(PRIVACY_STATE))
         n_classes = len(cfg["data"]["classes"])
-        if LABEL_STATE in context.state:
-            shares = np.asarray(context.state[LABEL_STATE]["shares"], dtype=np.float64)
-        else:
-            # Released once per federation, recorded before anything derived from it leaves.
-            shares = noisy_class_shares(hospital.train.labels, n_classes, plan)
-            if plan.enabled:
-                history = [*history, plan.label_release()]
-            context.state[LABEL_STATE] = ConfigRecord({"shares": shares.tolist()})
-            context.state[PRIVACY_STATE] = messages.history_to_record(history)
-
+        shares = _label_shares(ledger, hospital, n_classes, plan, str(context.run_id))
         model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])
         model.label_prior = torch.as_tensor(shares, dtype=torch.float32)
         set_weights(model, messages.from_record(msg.content[messages.ARRAYS]))
-        result = local_round(
-            model,
-            hospital.train.images,
-            hospital.train.labels,
-            plan,
-            steps=steps,
-            batch_size=batch,
-            history=history,
-            seed=round_seed(int(cfg["seed"]), hospital.name, int(server["server-round"])),
-            device=str(cfg.get("device_resolved", "cpu")),
-            optimizer_state=_optimizer_state(context),
+        try:
+            result = local_round(
+                model,
+                hospital.train.images,
+                hospital.train.labels,
+                plan,
+                steps=steps,
+                batch_size=batch,
+                history=ledger.history(),
+                seed=round_seed(int(cfg["seed"]), hospital.name, server_round),
+                device=str(cfg.get("device_resolved", "cpu")),
+                optimizer_state=_optimizer_state(context),
+            )
+        except BudgetExceeded as e:
+            ledger.refuse(f"{hospital.name}: {e}", run=str(context.run_id), round=server_round)
+            raise  # Flower sends the reason to the server; the round goes on without us
+        release = (plan.noise_multiplier, plan.sample_rate, result.steps)
+        epsilon = ledger.epsilon([*ledger.history(), release])  # inf when DP is off
+        metrics = dict(
+            messages.round_metrics(
+                result.num_examples, epsilon, result.steps, result.losses, shares
+            )
         )
-        # Record the privacy spent before the weights leave this node.
-        context.state[PRIVACY_STATE] = messages.history_to_record(result.history)
+        # The privacy spent and the reply are on the hospital's disk before the weights leave.
+        ledger.commit(
+            "train",
+            request,
+            release,
+            messages.pack_reply(result.weights, metrics),
+            run=str(context.run_id),
+            round=server_round,
+        )
+        ledger.forget_old_replies()
         context.state[OPTIMIZER_STATE] = ConfigRecord({"state": result.optimizer_state})
-        content = RecordDict(
-            {
-                messages.ARRAYS: messages.to_record(result.weights),
-                messages.METRICS: messages.round_metrics(
-                    result.num_examples, result.epsilon, result.steps, result.losses, shares
-                ),
-                messages.HOSPITAL: ConfigRecord({"name": hospital.name}),
-            }
-        )
-        return Message(content=content, reply_to=msg)
+        return _train_reply(msg, hospital, result.weights, metrics)
 
     @app.query("audit")
     def audit(msg: Message, context: Context) -> Message:
@@ -134,3 +169,37 @@ def make_client_app(cfg: dict, load_hospital: Callable[[Context], Hospital]) -> 
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+def _train_reply(msg: Message, hospital: Hospital, weights: dict, metrics: dict) -> Message:
+    content = RecordDict(
+        {
+            messages.ARRAYS: messages.to_record(weights),
+            messages.METRICS: MetricRecord(metrics),
+            messages.HOSPITAL: ConfigRecord({"name": hospital.name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _label_shares(
+    ledger: Ledger, hospital: Hospital, n_classes: int, plan: PrivacyPlan, run: str
+) -> np.ndarray:
+    """The hospital's noisy class shares: released once for its data (recorded in the
+    ledger before anything derived from them leaves), the same ones ever after."""
+    labels = np.asarray(hospital.train.labels, dtype=np.int64)
+    request = digest("labels", labels.tobytes(), str(n_classes), str(plan.label_noise))
+    answered = ledger.answered("labels", request)
+    if answered:
+        return np.asarray(json.loads(answered), dtype=np.float64)
+    shares = noisy_class_shares(labels, n_classes, plan)
+    if plan.enabled:
+        release = plan.label_release()
+        if ledger.epsilon([*ledger.history(), release]) > plan.target_epsilon + 1e-9:
+            reason = f"{hospital.name}: the class-count release would pass the budget"
+            ledger.refuse(reason, run=run)
+            raise BudgetExceeded(reason)
+    else:
+        release = (0.0, 1.0, 1)  # exact counts: no guarantee, recorded as such
+    ledger.commit("labels", request, release, json.dumps(shares.tolist()).encode(), run=run)
+    return shares

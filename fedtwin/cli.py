@@ -17,6 +17,7 @@ EPILOG = """examples:
   fedtwin data download                                # fetch PneumoniaMNIST into the cache
   fedtwin verify runs/demo/twin --public-key runs/demo/keys/consortium-signing.pem.pub
   fedtwin pki signing-key --out keys/consortium-signing.pem
+  fedtwin ledger show runs/demo/ledgers/hospital-0.sqlite --budget 10
   fedtwin catalog serve --root catalog --pki pki --signing-key keys/consortium-signing.pem.pub
   fedtwin twins --ca pki/ca.pem --cert pki/alice.pem   # what the catalog offers
   fedtwin pull pneumonia-twin:1 --out twins/pneumonia --ca pki/ca.pem --cert pki/alice.pem
@@ -82,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     pnode.add_argument("--name", required=True, help="hospital name, e.g. hospital-0")
     skey = psub.add_parser("signing-key", help="make the consortium's Ed25519 twin-signing key")
     skey.add_argument("--out", required=True, type=Path, help="private key path (PEM, 0600)")
+
+    ledger = sub.add_parser("ledger", help="a hospital's privacy ledger")
+    lsub = ledger.add_subparsers(dest="action", required=True)
+    lshow = lsub.add_parser("show", help="every release, the epsilon spent, refusals")
+    lshow.add_argument("path", type=Path, help="the ledger (SQLite file)")
+    lshow.add_argument("--budget", type=float, help="the hospital's epsilon budget, to compare")
+    lshow.add_argument("--delta", type=float, help="default: the delta it was recorded at")
 
     conn = argparse.ArgumentParser(add_help=False)
     conn.add_argument(
@@ -282,6 +290,13 @@ def _rpc_error(command: str, e) -> int:
     return 3
 
 
+def cmd_ledger(args) -> int:
+    from fedtwin.ledger import Ledger
+
+    print(Ledger.existing(args.path, args.delta).describe(args.budget))
+    return 0
+
+
 def cmd_catalog(args) -> int:
     import grpc
 
@@ -367,6 +382,7 @@ COMMANDS = {
     "data": cmd_data,
     "verify": cmd_verify,
     "pki": cmd_pki,
+    "ledger": cmd_ledger,
     "catalog": cmd_catalog,
     "twins": cmd_twins,
     "pull": cmd_pull,

@@ -58,6 +58,9 @@ def run_federation(cfg: dict, hospitals: list[Hospital], out: Path) -> None:
     def load_hospital(context) -> Hospital:
         return hospitals[int(context.node_config["partition-id"])]
 
+    def ledger_path(context, hospital: Hospital) -> Path:
+        return out / "ledgers" / f"{hospital.name}.sqlite"  # each simulated hospital's disk
+
     cpus = max(1, os.cpu_count() or 1)
     per_hospital = max(1, int(cfg["federation"].get("cpus_per_hospital", 1)))
     cfg = {**cfg, "threads_per_hospital": per_hospital}
@@ -67,7 +70,7 @@ def run_federation(cfg: dict, hospitals: list[Hospital], out: Path) -> None:
     }
     run_simulation(
         server_app=make_server_app(cfg, out),
-        client_app=make_client_app(cfg, load_hospital),
+        client_app=make_client_app(cfg, load_hospital, ledger_path),
         num_supernodes=len(hospitals),
         backend_config=backend,
     )

@@ -5,6 +5,8 @@ Both Flower apps import this, so the message layout is written down once.
 
 from __future__ import annotations
 
+import io
+import json
 import math
 from collections import OrderedDict
 
@@ -66,6 +68,21 @@ def round_metrics(
             **losses,
         }
     )
+
+
+def pack_reply(weights: dict[str, np.ndarray], metrics: dict) -> bytes:
+    """A training reply as bytes, for the hospital's ledger (``fedtwin.ledger``)."""
+    buffer = io.BytesIO()
+    meta = np.frombuffer(json.dumps(metrics).encode(), dtype=np.uint8)
+    np.savez(buffer, **{f"w/{k}": v for k, v in weights.items()}, metrics=meta)
+    return buffer.getvalue()
+
+
+def unpack_reply(data: bytes) -> tuple[OrderedDict[str, np.ndarray], dict]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        weights = OrderedDict((k[2:], z[k]) for k in z.files if k.startswith("w/"))
+        metrics = json.loads(z["metrics"].tobytes())
+    return weights, metrics
 
 
 def epsilon_from_metric(value: float) -> float:

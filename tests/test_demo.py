@@ -13,6 +13,7 @@ from opacus.accountants import RDPAccountant
 
 from fedtwin.config import load_config
 from fedtwin.demo import load_real_data, simulate_hospitals
+from fedtwin.ledger import Ledger
 from fedtwin.privacy import plan_privacy
 from fedtwin.twin import sha256_file
 
@@ -87,6 +88,10 @@ def test_reported_epsilon_equals_independent_accountant(demo_run, data_path):
         assert reported <= priv["epsilon"]
         manifest = json.loads((out / "twin" / "manifest.json").read_text())
         assert manifest["privacy"]["epsilon_per_hospital"][h.name] == pytest.approx(reported)
+        # the hospital's ledger holds exactly that: one label release, one entry per round
+        ledger = Ledger.existing(out / "ledgers" / f"{h.name}.sqlite")
+        assert [e.kind for e in ledger.entries()] == ["labels"] + ["train"] * fed["rounds"]
+        assert ledger.epsilon() == pytest.approx(independent, rel=1e-9)
 
 
 def test_dp_off_is_labelled_infinite(tmp_path, data_path):
