@@ -11,11 +11,13 @@ import math
 import os
 import warnings
 from collections import OrderedDict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtwin.models.base import DPTrainable
@@ -153,9 +155,18 @@ def local_round(
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     done = 0
-    with warnings.catch_warnings():
+    physical = int(getattr(model, "max_physical_batch", 0) or 0)
+    with ExitStack() as stack, warnings.catch_warnings():
         # Opacus' hooks fire on modules whose inputs need no gradient; that is expected.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        if engine is not None and physical and physical < expected_batch:
+            # Large logical batches in physical pieces; the optimizer steps once per logical
+            # batch (the pieces before the last are "skipped" steps: accumulated only).
+            loader = stack.enter_context(
+                BatchMemoryManager(
+                    data_loader=loader, max_physical_batch_size=physical, optimizer=private_opt
+                )
+            )
         while done < steps:
             for real, y in loader:
                 losses = model.train_step(
@@ -170,6 +181,8 @@ def local_round(
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
+                if engine is not None and private_opt._is_last_step_skipped:
+                    continue  # a physical piece of a logical batch: no step taken yet
                 done += 1
                 if done == steps:
                     break

@@ -52,14 +52,21 @@ def label_mix(shares: np.ndarray, n: int, mode: str, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def generate(
-    model: TwinGenerator, labels: np.ndarray, seed: int, batch: int = 500, progress: bool = False
+    model: TwinGenerator,
+    labels: np.ndarray,
+    seed: int,
+    batch: int = 500,
+    progress: bool = False,
+    device: str = "cpu",
 ) -> np.ndarray:
-    """One image per label: ``labels (N,)`` -> uint8 ``(N, H, W)``."""
+    """One image per label: ``labels (N,)`` -> uint8 ``(N, H, W)``, computed on ``device``."""
     rng = torch.Generator().manual_seed(seed)
+    model.to(device)
     out = []
     for start in tqdm(range(0, len(labels), batch), desc="generate", disable=not progress):
-        y = torch.as_tensor(labels[start : start + batch], dtype=torch.long)
+        y = torch.as_tensor(labels[start : start + batch], dtype=torch.long, device=device)
         out.append(to_uint8(model.sample(y, rng)))
+    model.cpu()
     return (
         np.concatenate(out) if out else np.zeros((0, model.image_size, model.image_size), np.uint8)
     )

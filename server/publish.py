@@ -108,7 +108,7 @@ def publish_twin(
     model = build_model(cfg["model"], n_classes, int(cfg["data"]["image_size"]))
     set_weights(model, messages.from_record(arrays))
     labels = label_mix(label_counts(history, n_classes), int(tw["size"]), tw["label_mix"], seed)
-    images = generate(model, labels, seed)
+    images = generate(model, labels, seed, device=str(cfg.get("device_resolved", "cpu")))
     log(INFO, "twin: %d candidate images; training the twin classifier", len(images))
     classifier = train_classifier(
         images,

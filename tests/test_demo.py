@@ -20,11 +20,15 @@ from fedtwin.twin import sha256_file
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, data_path):
-    out = tmp_path_factory.mktemp("demo")
+# The GAN and the diffusion generator go through the same federation, audit and report.
+MODELS = {"dcgan": ["model=dcgan"], "ddpm": ["model=ddpm", "model.sample_steps=10"]}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def demo_run(request, tmp_path_factory, data_path):
+    out = tmp_path_factory.mktemp(f"demo-{request.param}")
     cmd = [sys.executable, "-m", "fedtwin.cli", "demo", "--out", str(out), "+experiment=tiny"]
-    cmd.append(f"data.path={data_path}")
+    cmd += [f"data.path={data_path}", *MODELS[request.param]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
@@ -40,6 +44,7 @@ def test_demo_leaves_twin_and_report(demo_run):
     for rel, digest in manifest["files"].items():
         assert sha256_file(twin / rel) == digest, rel
     assert manifest["rounds_completed"] == 2
+    assert manifest["config"]["model"]["name"] in out.name  # the generator asked for
     # the DP twin passed the federated audit and was signed; verify checks it out
     assert manifest["gate"] == {"audit_verdict": "pass", "signed": True, "override": None}
     assert manifest["audit"]["verdict"] == "pass" and manifest["audit"]["near_copies"] == 0
@@ -60,6 +65,7 @@ def test_reported_epsilon_equals_independent_accountant(demo_run, data_path):
     """Each hospital's epsilon = a fresh Opacus accountant over the steps it took; <= target."""
     out, _ = demo_run
     cfg = load_config(["+experiment=tiny", f"data.path={data_path}"])
+    assert json.loads((out / "config.json").read_text())["privacy"] == cfg["privacy"]
     hospitals = simulate_hospitals(cfg, load_real_data(cfg)[0])
     history = json.loads((out / "history.json").read_text())["rounds"]
     fed, priv = cfg["federation"], cfg["privacy"]

@@ -7,14 +7,25 @@ from typing import Any
 
 from fedtwin.models.base import DPTrainable, TwinGenerator
 from fedtwin.models.dcgan import DCGAN, DCGANConfig
+from fedtwin.models.ddpm import DDPM, DDPMConfig
 
-__all__ = ["DPTrainable", "TwinGenerator", "DCGAN", "DCGANConfig", "build_model"]
+__all__ = ["DPTrainable", "TwinGenerator", "DCGAN", "DCGANConfig", "DDPM", "DDPMConfig"]
+__all__ += ["build_model"]
+
+GENERATORS = {"dcgan": (DCGAN, DCGANConfig), "ddpm": (DDPM, DDPMConfig)}
 
 
 def build_model(model_cfg: Mapping[str, Any], n_classes: int, image_size: int) -> TwinGenerator:
     """Build the generator named by ``model.name`` with the given number of classes."""
     name = model_cfg.get("name")
-    if name == "dcgan":
-        fields = {k: v for k, v in model_cfg.items() if k != "name"}
-        return DCGAN(DCGANConfig(n_classes=n_classes, image_size=image_size, **fields))
-    raise ValueError(f"model.name: unknown generator {name!r}; available: dcgan")
+    if name not in GENERATORS:
+        raise ValueError(
+            f"model.name: unknown generator {name!r}; available: {', '.join(GENERATORS)}"
+        )
+    model_class, config_class = GENERATORS[name]
+    fields = {k: v for k, v in model_cfg.items() if k != "name"}
+    try:
+        config = config_class(n_classes=n_classes, image_size=image_size, **fields)
+    except TypeError as e:
+        raise ValueError(f"model ({name}): {e}") from None
+    return model_class(config)
