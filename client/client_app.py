@@ -57,21 +57,26 @@ def ledger_from_node_config(context: Context, hospital: Hospital) -> Path:
 
 
 def make_client_app(
-    cfg: dict,
+    config: dict | Callable[[Context], dict],
     load_hospital: Callable[[Context], Hospital],
     ledger_path: Callable[[Context, Hospital], Path] = ledger_from_node_config,
 ) -> ClientApp:
     """A ClientApp for one consortium run.
 
-    ``cfg`` is the resolved run config (plain dict); ``load_hospital`` gives the hospital's
-    own data for the node running the app (its archive in deployment, its partition in
-    simulation), ``ledger_path`` its privacy ledger. The hospital's budget (``privacy.*``)
-    is read here, on the hospital's side.
+    ``config`` is the resolved run config (plain dict), or a function of the node's context
+    that gives it (deployment: the run's settings with the hospital's own budget);
+    ``load_hospital`` gives the hospital's own data for the node running the app (its
+    archive in deployment, its partition in simulation), ``ledger_path`` its privacy
+    ledger. The hospital's budget (``privacy.*``) is read here, on the hospital's side.
     """
     app = ClientApp()
 
+    def settings(context: Context) -> dict:
+        return config(context) if callable(config) else config
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        cfg = settings(context)
         torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
         hospital = load_hospital(context)
         fed, pcfg = cfg["federation"], cfg["privacy"]
@@ -144,6 +149,7 @@ def make_client_app(
 
     @app.query("audit")
     def audit(msg: Message, context: Context) -> Message:
+        cfg = settings(context)
         torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
         hospital = load_hospital(context)
         twin = msg.content[messages.TWIN]["images"].numpy()

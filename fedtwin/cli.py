@@ -84,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     skey = psub.add_parser("signing-key", help="make the consortium's Ed25519 twin-signing key")
     skey.add_argument("--out", required=True, type=Path, help="private key path (PEM, 0600)")
 
+    deploy = sub.add_parser("deploy", help="deployment over Flower (SuperLink, SuperNodes)")
+    dsub2 = deploy.add_subparsers(dest="action", required=True)
+    dapp = dsub2.add_parser("app", help="write the Flower app folder that `flwr run` starts")
+    dapp.add_argument("--dir", required=True, type=Path, help="app folder (gets pyproject.toml)")
+    dapp.add_argument("--out", required=True, type=Path, help="the run's output folder")
+    dapp.add_argument(
+        "--overrides", default="", help="Hydra overrides of the run, e.g. 'federation.rounds=20'"
+    )
+
     ledger = sub.add_parser("ledger", help="a hospital's privacy ledger")
     lsub = ledger.add_subparsers(dest="action", required=True)
     lshow = lsub.add_parser("show", help="every release, the epsilon spent, refusals")
@@ -290,6 +299,14 @@ def _rpc_error(command: str, e) -> int:
     return 3
 
 
+def cmd_deploy(args) -> int:
+    from fedtwin.server.deploy import write_app
+
+    path = write_app(args.dir, args.out, args.overrides)
+    print(f"Flower app: {path}\nstart the run with: flwr run {args.dir} <superlink-connection>")
+    return 0
+
+
 def cmd_ledger(args) -> int:
     from fedtwin.ledger import Ledger
 
@@ -382,6 +399,7 @@ COMMANDS = {
     "data": cmd_data,
     "verify": cmd_verify,
     "pki": cmd_pki,
+    "deploy": cmd_deploy,
     "ledger": cmd_ledger,
     "catalog": cmd_catalog,
     "twins": cmd_twins,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Mapping
 from typing import Any
 
 from hydra import compose, initialize_config_module
@@ -26,3 +28,11 @@ def resolve_device(name: str) -> str:
     if name not in ("cpu", "cuda"):
         raise ValueError(f"device: expected auto, cpu or cuda, got {name!r}")
     return name
+
+
+def config_from_run(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A deployed run's config: ``overrides`` of the Flower run config (Hydra overrides as
+    on the demo's command line, one string) applied to the shipped defaults."""
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    cfg = load_config(overrides)
+    return {**cfg, "device_resolved": resolve_device(str(cfg.get("device", "auto")))}

@@ -14,8 +14,11 @@
   (f) the catalog: 8 concurrent pulls of a 20k-image twin from a `fedtwin catalog serve`
       process over mutual TLS on 127.0.0.1: throughput (MB/s) vs a plain local copy of
       the same files, and the server's memory (RSS) before, during and after
+  (g) the diffusion generator (model=ddpm): DP and non-DP training samples/s, sampling
+      images/s, and the demo's setting trained with it (TSTR, audit, wall time), at the
+      largest size that finishes in 30 minutes on the CPU, or the default size on a GPU
 
-Usage: python scripts/benchmark.py --out runs/benchmark.json [--quick] [--parts a,b,c,d,e,f]
+Usage: python scripts/benchmark.py --out runs/benchmark.json [--quick] [--parts a,b,c,d,e,f,g]
        [hydra overrides...]. Each part is written as soon as it ends; a failed part records
 its error and the others still run.
 """
@@ -127,41 +130,10 @@ def part_c(cfg: dict) -> dict:
 
 
 def part_d(cfg: dict) -> dict:
-    from fedtwin.demo import load_real_data
     from fedtwin.dicom import write_dicom
-    from fedtwin.models import build_model
-    from fedtwin.privacy import plan_from_config
-    from fedtwin.training import local_round
-    from fedtwin.twin import generate
 
-    train, _, _ = load_real_data(cfg)
-    n_classes, size = len(cfg["data"]["classes"]), int(cfg["data"]["image_size"])
-    batch = int(cfg["federation"]["batch_size"])
-    images, labels = train.images[:2000], train.labels[:2000]
-    steps = 20 if cfg.get("quick") else 100
-    out: dict = {"training_images": len(images), "steps": steps, "batch_size": batch}
-    for mode in ("dp", "no_dp"):
-        plan = plan_from_config(
-            cfg["privacy"],
-            n_train=len(images),
-            batch_size=batch,
-            total_steps=steps + 5,
-            enabled=mode == "dp",
-        )
-        model = build_model(cfg["model"], n_classes, size)
-        local_round(model, images, labels, plan, steps=5, batch_size=batch, history=[], seed=0)
-        start = time.time()
-        local_round(model, images, labels, plan, steps=steps, batch_size=batch, history=[], seed=1)
-        seconds = time.time() - start
-        out[f"{mode}_samples_per_s"] = steps * plan.sample_rate * len(images) / seconds
-    out["dp_over_no_dp_throughput"] = out["dp_samples_per_s"] / out["no_dp_samples_per_s"]
-
-    model = build_model(cfg["model"], n_classes, size)
-    gen_labels = np.arange(2000) % n_classes
-    start = time.time()
-    fake = generate(model, gen_labels, seed=0)
-    out["generation_images_per_s"] = len(fake) / (time.time() - start)
-
+    out = throughput(cfg, steps=20 if cfg.get("quick") else 100, n_generate=2000)
+    fake, gen_labels = out.pop("_images")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
         for i in range(500):
@@ -169,6 +141,54 @@ def part_d(cfg: dict) -> dict:
                 Path(tmp) / f"{i:05d}.dcm", fake[i], label=int(gen_labels[i]), synthetic=True
             )
         out["dicom_files_per_s"] = 500 / (time.time() - start)
+    return out
+
+
+def throughput(cfg: dict, steps: int, n_generate: int) -> dict:
+    """DP vs non-DP local training samples/s of ``cfg``'s generator (same model, same data,
+    one process) and its generation images/s."""
+    from fedtwin.config import resolve_device
+    from fedtwin.demo import load_real_data
+    from fedtwin.models import build_model
+    from fedtwin.privacy import plan_from_config
+    from fedtwin.training import local_round
+    from fedtwin.twin import generate
+
+    device = resolve_device(str(cfg.get("device", "auto")))
+    train, _, _ = load_real_data(cfg)
+    n_classes, size = len(cfg["data"]["classes"]), int(cfg["data"]["image_size"])
+    batch = int(cfg["federation"]["batch_size"])
+    images, labels = train.images[:2000], train.labels[:2000]
+    out: dict = {
+        "model": dict(cfg["model"]),
+        "device": device,
+        "training_images": len(images),
+        "steps": steps,
+        "batch_size": batch,
+    }
+    for mode in ("dp", "no_dp"):
+        plan = plan_from_config(
+            cfg["privacy"],
+            n_train=len(images),
+            batch_size=batch,
+            total_steps=steps + 2,
+            enabled=mode == "dp",
+        )
+        model = build_model(cfg["model"], n_classes, size)
+        args = dict(batch_size=batch, history=[], device=device)
+        local_round(model, images, labels, plan, steps=2, seed=0, **args)  # warm-up
+        start = time.time()
+        local_round(model, images, labels, plan, steps=steps, seed=1, **args)
+        seconds = time.time() - start
+        out[f"{mode}_samples_per_s"] = steps * plan.sample_rate * len(images) / seconds
+    out["dp_over_no_dp_throughput"] = out["dp_samples_per_s"] / out["no_dp_samples_per_s"]
+
+    model = build_model(cfg["model"], n_classes, size)
+    gen_labels = np.arange(n_generate) % n_classes
+    start = time.time()
+    fake = generate(model, gen_labels, seed=0, device=device)
+    out["generation_images_per_s"] = len(fake) / (time.time() - start)
+    out["_images"] = (fake, gen_labels)
     return out
 
 
@@ -221,6 +241,43 @@ def part_e(cfg: dict) -> dict:
     out[f"growth_{sizes[-1]}_over_{sizes[0]}"] = last / first
     out["real_val_as_twin"] = audit_real_as_twin(cfg, hospitals, val)
     return out
+
+
+# The diffusion generator on CPU: sized so that the whole `fedtwin demo` finishes within
+# 30 minutes on 2 cores (a quarter of the default width's compute per image: width 16 and
+# 2 noise levels per image; 25 DDIM steps; a 2,000-image twin).
+DDPM_CPU = [
+    "model=ddpm",
+    "model.width=16",
+    "model.noise_multiplicity=2",
+    "model.sample_steps=25",
+    "federation.local_steps=40",
+    "twin.size=2000",
+]
+
+
+def part_g(out_dir: Path, overrides: list[str], quick: bool) -> dict:
+    import torch
+
+    from fedtwin.config import load_config, resolve_device
+
+    device = resolve_device("auto")
+    hardware = {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    sizes = [] if device == "cuda" else DDPM_CPU  # a GPU runs the default configuration
+    result: dict = {"hardware": hardware, "setting": SETTING + sizes}
+    for name, extra in (("default", ["model=ddpm"]), ("run_config", SETTING + sizes)):
+        cfg = {**load_config([*SETTING, *extra, *overrides]), "quick": quick}
+        tp = throughput(cfg, steps=3 if quick else 10, n_generate=20 if quick else 200)
+        tp.pop("_images")
+        result[f"throughput_{name}"] = tp
+        print(f"[benchmark] ddpm ({name}) throughput: {tp['dp_samples_per_s']:.0f} DP samples/s")
+    run = run_demo_command(out_dir / "g_ddpm", [*SETTING, *sizes, *overrides])
+    return {**result, **run}
 
 
 def audit_real_as_twin(cfg: dict, hospitals, val) -> dict:
@@ -381,7 +438,7 @@ class RssSampler:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
-    parser.add_argument("--parts", default="a,b,c,d,e,f", help="comma-separated subset of a-f")
+    parser.add_argument("--parts", default="a,b,c,d,e,f,g", help="comma-separated subset of a-g")
     parser.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every part")
     args = parser.parse_args()
@@ -410,6 +467,7 @@ def main() -> int:
         "d": ("d_throughput", lambda: part_d(cfg)),
         "e": ("e_audit", lambda: part_e(cfg)),
         "f": ("f_catalog", lambda: part_f(cfg)),
+        "g": ("g_ddpm", lambda: part_g(out_dir, overrides, args.quick)),
     }
     for key in args.parts.split(","):
         name, run = parts[key.strip()]
@@ -430,7 +488,7 @@ def main() -> int:
 
 def summary_lines(result: dict) -> str:
     lines = []
-    for name in ("a_federated", "b_central"):
+    for name in ("a_federated", "b_central", "g_ddpm"):
         r = result.get(name, {})
         if "tstr" in r:
             tstr, trtr, fr = r["tstr"], r["trtr"], r["frechet"]
@@ -469,6 +527,16 @@ def summary_lines(result: dict) -> str:
             f"{f['server_rss_mb_idle']:.0f} MB idle, peak {f['server_rss_mb_peak_1_pull']:.0f} "
             f"(1 pull) / {f['server_rss_mb_peak_concurrent']:.0f} MB ({f['concurrent_pulls']})"
         )
+    g = result.get("g_ddpm", {})
+    for name in ("throughput_default", "throughput_run_config"):
+        if name in g:
+            t = g[name]
+            lines.append(
+                f"g: ddpm width {t['model']['width']} x{t['model']['noise_multiplicity']} on "
+                f"{t['device']}: DP {t['dp_samples_per_s']:.0f} vs no-DP "
+                f"{t['no_dp_samples_per_s']:.0f} samples/s, sampling "
+                f"{t['generation_images_per_s']:.1f} img/s ({t['model']['sample_steps']} steps)"
+            )
     for name, r in result.items():
         if isinstance(r, dict) and "error" in r:
             lines.append(f"{name}: FAILED {r['error']}")

@@ -124,8 +124,15 @@ def publish_twin(
     audits, utilities, failed = ask_hospitals(
         grid, images, get_weights(classifier), au, float(timeout) if timeout else None
     )
-    audit = pool(audits, au, images.shape[1])
     trained = set(final_epsilons(history))
+    # Only a hospital that trained has members: the others' images would dilute the test.
+    audit = pool({n: a for n, a in audits.items() if n in trained}, au, images.shape[1])
+    bystanders = sorted(set(audits) - trained)
+    if bystanders:
+        audit["notes"].append(
+            f"left out of the audit: {', '.join(bystanders)} did not train this generator "
+            f"(none of their images is a member); their holdouts still score the utility"
+        )
     missing = sorted(trained - set(audits))
     audit["not_audited"] = {"hospitals": missing, "nodes": failed}
     if missing:

@@ -23,29 +23,36 @@ def initial_weights(cfg: dict) -> dict:
     return get_weights(model)
 
 
-def make_server_app(cfg: dict, out: Path) -> ServerApp:
-    """A ServerApp that trains for ``federation.rounds``, checkpointing into ``out``, then
-    writes the audited (and, if it passed, signed) twin to ``out/twin``."""
-    app = ServerApp()
+def train_and_publish(grid: Grid, cfg: dict, out: Path) -> None:
+    """Train for ``federation.rounds``, checkpointing into ``out``, then write the audited
+    (and, if it passed, signed) twin to ``out/twin``. The same in simulation and deployment."""
     fed = cfg["federation"]
+    strategy = TwinFedAvg(
+        out=out,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,  # the twin is evaluated after training, not per round
+        min_train_nodes=int(fed["min_hospitals"]),
+        min_available_nodes=int(fed["hospitals"]),
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=messages.to_record(initial_weights(cfg)),
+        num_rounds=int(fed["rounds"]),
+        train_config=ConfigRecord({"local-steps": int(fed["local_steps"])}),
+    )
+    if not any(r["hospitals"] for r in strategy.rounds):
+        refusals = [r for e in strategy.rounds for r in e["refused"]]
+        why = f": {refusals[0]['reason']}" if refusals else ""
+        raise RuntimeError(f"no hospital trained in any round, nothing to publish{why}")
+    publish_twin(grid, cfg, out, result.arrays, strategy.rounds)
+
+
+def make_server_app(cfg: dict, out: Path) -> ServerApp:
+    """A ServerApp running ``train_and_publish`` with a resolved config (simulation)."""
+    app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = TwinFedAvg(
-            out=out,
-            fraction_train=1.0,
-            fraction_evaluate=0.0,  # the twin is evaluated after training, not per round
-            min_train_nodes=int(fed["min_hospitals"]),
-            min_available_nodes=int(fed["hospitals"]),
-        )
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=messages.to_record(initial_weights(cfg)),
-            num_rounds=int(fed["rounds"]),
-            train_config=ConfigRecord({"local-steps": int(fed["local_steps"])}),
-        )
-        if not strategy.rounds:
-            raise RuntimeError("no round completed: nothing to publish")
-        publish_twin(grid, cfg, out, result.arrays, strategy.rounds)
+        train_and_publish(grid, cfg, out)
 
     return app
