@@ -60,6 +60,7 @@ def make_client_app(
     config: dict | Callable[[Context], dict],
     load_hospital: Callable[[Context], Hospital],
     ledger_path: Callable[[Context, Hospital], Path] = ledger_from_node_config,
+    mods: list | None = None,
 ) -> ClientApp:
     """A ClientApp for one consortium run.
 
@@ -68,8 +69,9 @@ def make_client_app(
     ``load_hospital`` gives the hospital's own data for the node running the app (its
     archive in deployment, its partition in simulation), ``ledger_path`` its privacy
     ledger. The hospital's budget (``privacy.*``) is read here, on the hospital's side.
+    ``mods`` are Flower client mods wrapped around every message.
     """
-    app = ClientApp()
+    app = ClientApp(mods=mods or [])
 
     def settings(context: Context) -> dict:
         return config(context) if callable(config) else config

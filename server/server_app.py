@@ -33,6 +33,7 @@ def train_and_publish(grid: Grid, cfg: dict, out: Path) -> None:
         fraction_evaluate=0.0,  # the twin is evaluated after training, not per round
         min_train_nodes=int(fed["min_hospitals"]),
         min_available_nodes=int(fed["hospitals"]),
+        max_update_norm=float(fed["max_update_norm"]),
     )
     result = strategy.start(
         grid=grid,

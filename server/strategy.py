@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtwin import messages
+from fedtwin.checks import update_problem
 from fedtwin.jsonio import write_json
 
 
@@ -37,29 +40,47 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
 
 
 class TwinFedAvg(FedAvg):
-    """FedAvg that logs per-hospital metrics and checkpoints every round into ``out``."""
+    """FedAvg that checks every update before averaging (``fedtwin.checks``), logs
+    per-hospital metrics and checkpoints every round into ``out``."""
 
-    def __init__(self, out: Path, **kwargs):
+    def __init__(self, out: Path, max_update_norm: float = float("inf"), **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         super().__init__(**kwargs)
         self.out = Path(out)
+        self.max_update_norm = float(max_update_norm)
         self.rounds: list[dict] = []
+        self._sent: dict[str, np.ndarray] = {}  # the global model of the current round
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent = messages.from_record(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        hospitals, refused = {}, []
+        hospitals, refused, rejected, good = {}, [], [], []
         for msg in replies:
+            node = int(msg.metadata.src_node_id)
             if msg.has_error():
-                refused.append({"node": int(msg.metadata.src_node_id), "reason": msg.error.reason})
+                refused.append({"node": node, "reason": msg.error.reason})
                 continue
             name = str(msg.content[messages.HOSPITAL]["name"])
+            update = messages.from_record(msg.content[messages.ARRAYS])
+            problem = update_problem(update, self._sent, self.max_update_norm)
+            if problem:
+                log(WARNING, "round %d: update of %s (node %d) rejected: %s",
+                    server_round, name, node, problem)  # fmt: skip
+                rejected.append({"node": node, "hospital": name, "reason": problem})
+                continue
             m = dict(msg.content[messages.METRICS])
             m["epsilon"] = messages.epsilon_from_metric(m["epsilon"])
             hospitals[name] = m
+            good.append(msg)
+        arrays, metrics = super().aggregate_train(server_round, good)
         entry = {"round": server_round, "hospitals": hospitals, "refused": refused}
+        entry["rejected"] = rejected
         if metrics is not None:
             entry["mean"] = {k: v for k, v in metrics.items() if k != "epsilon"}
         self.rounds.append(entry)
@@ -77,6 +98,10 @@ def describe_round(entry: dict) -> str:
             f"{name} eps {eps} loss_d {m.get('loss_d', 0):.3f} loss_g {m.get('loss_g', 0):.3f}"
         )
     parts += [f"node {r['node']} refused: {r['reason']}" for r in entry["refused"]]
+    parts += [
+        f"{r['hospital']} (node {r['node']}) rejected: {r['reason']}"
+        for r in entry.get("rejected", [])
+    ]
     return "; ".join(parts) or "no hospital answered"
 
 

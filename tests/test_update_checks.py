@@ -1,0 +1,85 @@
+"""Updates are checked before they are averaged: a NaN update and a wrong-shape update,
+made by a deliberately faulty client mod at two of three simulated hospitals, are rejected
+with their node ids and the round goes on with the good one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fedtwin.client.client_app import make_client_app
+from fedtwin.server.server_app import initial_weights, make_server_app
+from flwr.simulation import run_simulation
+
+from fedtwin import messages
+from fedtwin.checks import update_problem
+from fedtwin.config import load_config
+from fedtwin.data import Split, make_hospitals
+from fedtwin.ledger import Ledger
+
+
+def test_update_problems_are_named():
+    ref = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+    assert update_problem({k: v + 0.1 for k, v in ref.items()}, ref, 10.0) is None
+    nan = {**ref, "b": np.array([1, np.nan, 1, np.inf], np.float32)}
+    assert "b: 2 values are not finite" in update_problem(nan, ref, 10.0)
+    assert "a: shape (3, 2)" in update_problem({**ref, "a": np.zeros((3, 2), np.float32)}, ref, 1)
+    assert "dtype float64" in update_problem({**ref, "a": np.zeros((2, 3))}, ref, 10.0)
+    assert "missing ['b']" in update_problem({"a": ref["a"]}, ref, 10.0)
+    far = {**ref, "a": np.full((2, 3), 100.0, np.float32)}
+    assert "exceeds federation.max_update_norm=10" in update_problem(far, ref, 10.0)
+
+
+def faulty(msg, context, call_next):
+    """A client mod that breaks the training replies of partitions 1 (NaN) and 2 (shape)."""
+    reply = call_next(msg, context)
+    part = int(context.node_config["partition-id"])
+    if msg.metadata.message_type != "train" or reply.has_error() or part == 0:
+        return reply
+    weights = messages.from_record(reply.content[messages.ARRAYS])
+    name = next(iter(weights))
+    if part == 1:
+        weights[name] = np.full_like(weights[name], np.nan)
+    else:
+        weights[name] = weights[name][:-1]
+    reply.content[messages.ARRAYS] = messages.to_record(weights)
+    return reply
+
+
+@pytest.mark.slow
+def test_nan_and_wrong_shape_updates_are_rejected_and_the_round_goes_on(small_real, tmp_path):
+    images, labels = small_real
+    hospitals = make_hospitals(Split(images, labels), 3, "iid", 0.5, 0.2, seed=0)
+    cfg = load_config(
+        ["+experiment=tiny", "federation.hospitals=3", "federation.rounds=1", "twin.size=40",
+         "twin.dicom=false", "audit.override=update-check-test"]
+    )  # fmt: skip
+    client = make_client_app(
+        cfg,
+        lambda ctx: hospitals[int(ctx.node_config["partition-id"])],
+        lambda ctx, h: tmp_path / "ledgers" / f"{h.name}.sqlite",
+        mods=[faulty],
+    )
+    run_simulation(
+        server_app=make_server_app(cfg, tmp_path),
+        client_app=client,
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
+    )  # fmt: skip
+    (entry,) = json.loads((tmp_path / "history.json").read_text())["rounds"]
+    assert list(entry["hospitals"]) == ["hospital-0"]
+    reasons = {r["hospital"]: r["reason"] for r in entry["rejected"]}
+    assert "not finite" in reasons["hospital-1"] and "shape" in reasons["hospital-2"]
+    assert all(r["node"] > 0 for r in entry["rejected"])
+    # the global model is hospital-0's update alone, as its ledger recorded sending it
+    saved = torch.load(tmp_path / "checkpoints" / "round-001.pt")["weights"]
+    ledger = Ledger(tmp_path / "ledgers" / "hospital-0.sqlite", delta=1e-5)
+    (sent,) = [e for e in ledger.entries() if e.kind == "train"]
+    weights, _ = messages.unpack_reply(ledger.answered("train", sent.request))
+    assert set(saved) == set(weights) == set(initial_weights(cfg))
+    for name, value in weights.items():
+        np.testing.assert_allclose(saved[name].numpy(), value, rtol=1e-6, atol=1e-7)
+    assert (tmp_path / "twin" / "manifest.json").is_file()
