@@ -3,11 +3,13 @@ twin audited at the hospitals and publishes it (``publish.publish_twin``)."""
 
 from __future__ import annotations
 
+from logging import INFO
 from pathlib import Path
 
 from fedtwin.server.publish import publish_twin
-from fedtwin.server.strategy import TwinFedAvg
+from fedtwin.server.strategy import TwinFedAvg, load_checkpoint
 from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedtwin import messages
@@ -23,11 +25,18 @@ def initial_weights(cfg: dict) -> dict:
     return get_weights(model)
 
 
-def train_and_publish(grid: Grid, cfg: dict, out: Path) -> None:
+def train_and_publish(
+    grid: Grid, cfg: dict, out: Path, strategy_class: type[TwinFedAvg] = TwinFedAvg
+) -> None:
     """Train for ``federation.rounds``, checkpointing into ``out``, then write the audited
-    (and, if it passed, signed) twin to ``out/twin``. The same in simulation and deployment."""
+    (and, if it passed, signed) twin to ``out/twin``. The same in simulation and deployment.
+
+    If ``out`` holds checkpoints (a run that crashed or was stopped), training resumes after
+    the last completed round with its weights and round numbers: a hospital asked again
+    for a round it had already answered replies from its ledger and pays nothing twice.
+    """
     fed = cfg["federation"]
-    strategy = TwinFedAvg(
+    strategy = strategy_class(
         out=out,
         fraction_train=1.0,
         fraction_evaluate=0.0,  # the twin is evaluated after training, not per round
@@ -35,25 +44,45 @@ def train_and_publish(grid: Grid, cfg: dict, out: Path) -> None:
         min_available_nodes=int(fed["hospitals"]),
         max_update_norm=float(fed["max_update_norm"]),
     )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=messages.to_record(initial_weights(cfg)),
-        num_rounds=int(fed["rounds"]),
-        train_config=ConfigRecord({"local-steps": int(fed["local_steps"])}),
-    )
+    arrays = messages.to_record(initial_weights(cfg))
+    previous = load_checkpoint(out) if fed.get("resume", True) else None
+    if previous is not None:
+        done, weights, rounds = previous
+        expected = initial_weights(cfg)
+        if set(weights) != set(expected) or any(
+            weights[k].shape != expected[k].shape for k in expected
+        ):
+            raise ValueError(
+                f"{out}/checkpoints hold another model's weights; use a new output folder "
+                f"or federation.resume=false"
+            )
+        log(INFO, "resuming after round %d of %d from %s", done, int(fed["rounds"]), out)
+        strategy.resume(done, rounds)
+        arrays = messages.to_record(weights)
+    remaining = int(fed["rounds"]) - strategy.offset
+    if remaining > 0:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=remaining,
+            train_config=ConfigRecord({"local-steps": int(fed["local_steps"])}),
+        )
+        arrays = result.arrays
     if not any(r["hospitals"] for r in strategy.rounds):
         refusals = [r for e in strategy.rounds for r in e["refused"]]
         why = f": {refusals[0]['reason']}" if refusals else ""
         raise RuntimeError(f"no hospital trained in any round, nothing to publish{why}")
-    publish_twin(grid, cfg, out, result.arrays, strategy.rounds)
+    publish_twin(grid, cfg, out, arrays, strategy.rounds)
 
 
-def make_server_app(cfg: dict, out: Path) -> ServerApp:
+def make_server_app(
+    cfg: dict, out: Path, strategy_class: type[TwinFedAvg] = TwinFedAvg
+) -> ServerApp:
     """A ServerApp running ``train_and_publish`` with a resolved config (simulation)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        train_and_publish(grid, cfg, out)
+        train_and_publish(grid, cfg, out, strategy_class)
 
     return app

@@ -49,17 +49,24 @@ class TwinFedAvg(FedAvg):
         self.out = Path(out)
         self.max_update_norm = float(max_update_norm)
         self.rounds: list[dict] = []
+        self.offset = 0  # rounds completed before this run (resumed from a checkpoint)
         self._sent: dict[str, np.ndarray] = {}  # the global model of the current round
+
+    def resume(self, completed: int, rounds: list[dict]) -> None:
+        """Continue after ``completed`` rounds (their records ``rounds``): this run's round
+        1 is the federation's round ``completed + 1``, and the hospitals see that number."""
+        self.offset, self.rounds = completed, list(rounds)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent = messages.from_record(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.offset
         hospitals, refused, rejected, good = {}, [], [], []
         for msg in replies:
             node = int(msg.metadata.src_node_id)
@@ -119,6 +126,18 @@ def save_checkpoint(out: Path, server_round: int, arrays: ArrayRecord, rounds: l
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((Path(out) / "checkpoints").glob("round-*.pt"))
     return found[-1] if found else None
+
+
+def load_checkpoint(out: Path) -> tuple[int, dict[str, np.ndarray], list[dict]] | None:
+    """The last completed round in ``out``: (round, global weights, round records up to
+    it), or None before the first round."""
+    path = latest_checkpoint(out)
+    if path is None:
+        return None
+    saved = torch.load(path, weights_only=True)
+    done = int(saved["round"])
+    weights = {k: v.numpy() for k, v in saved["weights"].items()}
+    return done, weights, [r for r in read_history(out) if r["round"] <= done]
 
 
 def _atomic(path: Path, write) -> None:
