@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 HOSPITALS = ("hospital-0", "hospital-1", "hospital-2")
+TINY = "+experiment=tiny federation.hospitals=3 federation.min_hospitals=1 twin.size=200 "
+TINY += "twin.dicom=false"
 
 
 def free_port() -> int:
@@ -61,6 +63,48 @@ class Consortium:
         )  # fmt: skip
         self.procs.append(proc)
         return proc
+
+    def start_superlink(self, name: str) -> subprocess.Popen:
+        keys = self.root / "pki"
+        link = self.start(name, [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.ca),
+            "--ssl-certfile", str(keys / "superlink.pem"),
+            "--ssl-keyfile", str(keys / "superlink.key"),
+            "--database", str(self.root / "state.db"), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+            "--port", str(self.port),
+        ])  # fmt: skip
+        wait_for("SuperLink health", lambda: healthy(self.port, self.ca), 120, link)
+        return link
+
+    def start_supernode(self, name: str, archive: Path, ledger: Path) -> subprocess.Popen:
+        config = f"data='{archive}' ledger='{ledger}' epsilon=10.0"
+        return self.start(name, [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(self.ca),
+            "--auth-supernode-private-key", str(self.root / "pki" / f"{name}.node"),
+            "--port", str(free_port()), "--node-config", config,
+        ])  # fmt: skip
+
+    def run(self, out: Path, overrides: str, timeout: float = 900) -> dict:
+        """``flwr run`` of the app for ``out``; waits for the run to finish."""
+        app = write_app(self.root / f"app-{out.name}", out, overrides).parent
+        started = self.flwr("run", str(app), "consortium", "--format", "json")
+        assert started.returncode == 0, started.stdout + started.stderr
+        return self.wait_run(str(json.loads(started.stdout)["run-id"]), timeout)
+
+    def wait_run(self, run_id: str, timeout: float) -> dict:
+        def finished():
+            out = self.flwr("ls", "consortium", "--run-id", run_id, "--format", "json")
+            try:
+                run = json.loads(out.stdout)["runs"][0]
+            except (json.JSONDecodeError, KeyError, IndexError):
+                return None  # the SuperLink may be restarting
+            return run if run["status"].startswith("finished") else None
+
+        run = wait_for(f"run {run_id}", finished, timeout)
+        run["logs"] = self.flwr("log", run_id, "consortium", "--show").stdout
+        return run
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         env = {**self.env, "FLWR_HOME": str(self.root / "homes" / "operator")}
@@ -134,15 +178,7 @@ def consortium(tmp_path_factory, data_path):
 
     c = Consortium(root)
     try:
-        link = c.start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c.ca),
-            "--ssl-certfile", str(keys / "superlink.pem"),
-            "--ssl-keyfile", str(keys / "superlink.key"),
-            "--database", str(root / "state.db"), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-            "--port", str(c.port),
-        ])  # fmt: skip
-        wait_for("SuperLink health", lambda: healthy(c.port, c.ca), 120, link)
+        c.start_superlink("superlink")
         operator = root / "homes" / "operator"
         operator.mkdir(parents=True, exist_ok=True)
         (operator / "config.toml").write_text(
@@ -153,13 +189,7 @@ def consortium(tmp_path_factory, data_path):
             out = c.flwr("supernode", "register", str(keys / f"{name}.node.pub"), "consortium")
             assert out.returncode == 0, out.stdout + out.stderr
         for name, archive in zip(HOSPITALS, archives, strict=True):
-            config = f"data='{archive}' ledger='{root / name / 'ledger.sqlite'}' epsilon=10.0"
-            c.start(name, [
-                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{c.port}",
-                "--root-certificates", str(c.ca),
-                "--auth-supernode-private-key", str(keys / f"{name}.node"),
-                "--port", str(free_port()), "--node-config", config,
-            ])  # fmt: skip
+            c.start_supernode(name, archive, root / name / "ledger.sqlite")
         wait_for(
             "3 SuperNodes online",
             lambda: sum(n.get("status") == "online" for n in nodes(c)) == 3,
@@ -192,24 +222,8 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(consortium):
 def test_three_hospitals_over_tls_train_and_publish_a_twin(consortium):
     c = consortium
     out = c.root / "out"
-    app = write_app(
-        c.root / "app",
-        out,
-        "+experiment=tiny federation.hospitals=3 federation.min_hospitals=1 "
-        "twin.size=200 twin.dicom=false audit.override=integration-test-of-an-untrained-generator",
-    ).parent
-    started = c.flwr("run", str(app), "consortium", "--format", "json")
-    assert started.returncode == 0, started.stdout + started.stderr
-    run_id = str(json.loads(started.stdout)["run-id"])
-
-    def finished():
-        runs = json.loads(c.flwr("ls", "consortium", "--run-id", run_id, "--format", "json").stdout)
-        status = runs["runs"][0]["status"]
-        return runs["runs"][0] if status.startswith("finished") else None
-
-    run = wait_for("the run", finished, 900)
-    logs = c.flwr("log", run_id, "consortium", "--show").stdout
-    assert run["status"] == "finished:completed", logs[-4000:]
+    run = c.run(out, TINY + " audit.override=integration-test-of-an-untrained-generator")
+    assert run["status"] == "finished:completed", run["logs"][-4000:]
 
     history = json.loads((out / "history.json").read_text())["rounds"]
     assert len(history) == 2
