@@ -18,6 +18,7 @@ EPILOG = """examples:
   fedtwin verify runs/demo/twin --public-key runs/demo/keys/consortium-signing.pem.pub
   fedtwin pki signing-key --out keys/consortium-signing.pem
   fedtwin ledger show runs/demo/ledgers/hospital-0.sqlite --budget 10
+  fedtwin deploy app --dir consortium-app --out runs/consortium   # then: flwr run consortium-app
   fedtwin catalog serve --root catalog --pki pki --signing-key keys/consortium-signing.pem.pub
   fedtwin twins --ca pki/ca.pem --cert pki/alice.pem   # what the catalog offers
   fedtwin pull pneumonia-twin:1 --out twins/pneumonia --ca pki/ca.pem --cert pki/alice.pem
