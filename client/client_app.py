@@ -101,13 +101,21 @@ def make_client_app(
             ledger.refuse(reason, run=str(context.run_id), round=server_round)
             raise BudgetExceeded(reason)
 
-        plan = plan_from_config(
-            pcfg,
-            n_train=len(hospital.train),
-            batch_size=batch,
-            # The hospital plans for the rounds it agreed to; the server cannot stretch it.
-            total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
-        )
+        federation = str(server.get("federation", ""))
+        try:
+            plan = plan_from_config(
+                pcfg,
+                n_train=len(hospital.train),
+                batch_size=batch,
+                # The hospital plans for the rounds it agreed to; the server cannot stretch
+                # it. Noise is calibrated for what the ledger had left when this federation
+                # first asked.
+                total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
+                prior=ledger.prior(federation) if federation else (),
+            )
+        except BudgetExceeded as e:
+            ledger.refuse(f"{hospital.name}: {e}", run=str(context.run_id), round=server_round)
+            raise
         n_classes = len(cfg["data"]["classes"])
         shares = _label_shares(ledger, hospital, n_classes, plan, str(context.run_id))
         model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])

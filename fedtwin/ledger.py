@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import math
 import sqlite3
 from contextlib import closing
@@ -44,6 +45,11 @@ CREATE TABLE IF NOT EXISTS entries (
     at TEXT NOT NULL,
     reply BLOB,                     -- what was sent for it; kept for a retried request
     UNIQUE (kind, request)
+);
+CREATE TABLE IF NOT EXISTS federations (
+    federation TEXT PRIMARY KEY,    -- the id the server sends with every round
+    prior TEXT NOT NULL,            -- JSON: the accountant history before it joined
+    at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS refusals (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -149,6 +155,27 @@ class Ledger:
                 "SELECT reply FROM entries WHERE kind = ? AND request = ?", (kind, request)
             ).fetchone()
         return None if row is None else bytes(row[0] or b"")
+
+    def prior(self, federation: str) -> History:
+        """What the ledger had spent when ``federation`` first asked: the plan for that
+        federation calibrates its noise for what is left. Recorded on first use, so the
+        same federation (resumed, say) always plans from the same point."""
+        with closing(self._connect()) as db, db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(
+                "SELECT prior FROM federations WHERE federation = ?", (federation,)
+            ).fetchone()
+            if row is not None:
+                return [tuple(h) for h in json.loads(row[0])]
+            rows = db.execute(
+                "SELECT noise_multiplier, sample_rate, steps FROM entries ORDER BY id"
+            ).fetchall()
+            history = [tuple(r) for r in rows]
+            db.execute(
+                "INSERT INTO federations VALUES (?, ?, ?)",
+                (federation, json.dumps(history), _now()),
+            )
+            return history
 
     # ---- writing -----------------------------------------------------------------------
 

@@ -82,9 +82,11 @@ def plan_privacy(
     batch_size: int,
     total_steps: int,
     label_noise: float,
+    prior: History = (),
 ) -> PrivacyPlan:
     """Calibrate sigma so that the class-count release (noise std ``label_noise``) and
-    ``total_steps`` steps together land at or under ``epsilon`` at ``delta``."""
+    ``total_steps`` steps together land at or under ``epsilon`` at ``delta``, on top of
+    ``prior``: what the hospital's ledger spent before this federation."""
     q = sample_rate_for(n_train, batch_size)
     if not enabled:
         return PrivacyPlan(False, math.inf, delta, max_grad_norm, q, total_steps, 0.0, accountant)
@@ -108,7 +110,15 @@ def plan_privacy(
             f"privacy.label_noise={label_noise:g} alone spends the whole budget "
             f"epsilon={epsilon:g}; raise privacy.label_noise"
         )
-    sigma = _calibrated_sigma(epsilon, delta, q, total_steps, label_noise, accountant)
+    prior = tuple(tuple(h) for h in prior)
+    before = epsilon_spent([*prior, label_release(label_noise)], delta, accountant)
+    if prior and before >= epsilon:
+        raise BudgetExceeded(
+            f"refused: earlier federations spent epsilon "
+            f"{epsilon_spent(list(prior), delta, accountant):.3f} of this hospital's budget "
+            f"{epsilon:g}; nothing is left for this one"
+        )
+    sigma = _calibrated_sigma(epsilon, delta, q, total_steps, label_noise, accountant, prior)
     return PrivacyPlan(
         True, epsilon, delta, max_grad_norm, q, total_steps, sigma, accountant, label_noise
     )
@@ -133,12 +143,19 @@ def plan_from_config(
 
 @functools.lru_cache(maxsize=64)  # a node plans again every round with the same numbers
 def _calibrated_sigma(
-    target: float, delta: float, q: float, steps: int, label_noise: float, accountant: str
+    target: float,
+    delta: float,
+    q: float,
+    steps: int,
+    label_noise: float,
+    accountant: str,
+    prior: tuple = (),
 ) -> float:
-    """Smallest sigma (to 1e-3) whose plan lands at or under ``target``; bisection."""
+    """Smallest sigma (to 1e-3) whose plan, after ``prior``, lands at or under ``target``."""
 
     def epsilon_at(sigma: float) -> float:
-        return epsilon_spent([label_release(label_noise), (sigma, q, steps)], delta, accountant)
+        plan = [*prior, label_release(label_noise), (sigma, q, steps)]
+        return epsilon_spent(plan, delta, accountant)
 
     low, high = 0.0, 10.0
     while epsilon_at(high) > target:

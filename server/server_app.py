@@ -3,6 +3,8 @@ twin audited at the hospitals and publishes it (``publish.publish_twin``)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from logging import INFO
 from pathlib import Path
 
@@ -23,6 +25,19 @@ def initial_weights(cfg: dict) -> dict:
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
     return get_weights(model)
+
+
+def federation_id(cfg: dict, out: Path) -> str:
+    """Names this federation to the hospitals, the same across resumed runs: its output
+    folder and what shapes its plan (seed, model, rounds, steps, batch size)."""
+    fed = cfg["federation"]
+    key = {
+        "out": str(Path(out).resolve()),
+        "seed": cfg["seed"],
+        "model": cfg["model"],
+        "plan": [fed["rounds"], fed["local_steps"], fed["batch_size"]],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train_and_publish(
@@ -65,7 +80,9 @@ def train_and_publish(
             grid=grid,
             initial_arrays=arrays,
             num_rounds=remaining,
-            train_config=ConfigRecord({"local-steps": int(fed["local_steps"])}),
+            train_config=ConfigRecord(
+                {"local-steps": int(fed["local_steps"]), "federation": federation_id(cfg, out)}
+            ),
         )
         arrays = result.arrays
     if not any(r["hospitals"] for r in strategy.rounds):

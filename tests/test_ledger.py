@@ -130,3 +130,13 @@ def test_ledger_show(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train" in out and "spent: epsilon" in out and "of budget 10" in out
     assert main(["ledger", "show", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_a_federations_starting_point_is_recorded_once(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite", delta=1e-5)
+    ledger.commit("train", digest("earlier"), (1.0, 0.02, 10), b"")
+    assert ledger.prior("federation-b") == [(1.0, 0.02, 10)]
+    ledger.commit("train", digest("b round 1"), (2.0, 0.02, 10), b"")
+    # resumed or asked again: the same starting point, not the ledger as it is now
+    assert Ledger(tmp_path / "l.sqlite", delta=1e-5).prior("federation-b") == [(1.0, 0.02, 10)]
+    assert ledger.prior("federation-c") == [(1.0, 0.02, 10), (2.0, 0.02, 10)]

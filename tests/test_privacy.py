@@ -111,3 +111,20 @@ def test_plan_from_config_reads_the_group_and_takes_overrides():
     assert p == plan(max_grad_norm=20.0)
     off = plan_from_config(group, n_train=940, batch_size=128, total_steps=200, enabled=False)
     assert not off.enabled and math.isinf(off.target_epsilon)
+
+
+def test_a_later_federation_plans_for_what_the_ledger_left():
+    """Budget 30, 10 spent in an earlier federation: the new plan's noise is calibrated so
+    that the whole ledger lands at or under 30, not 30 on top of the 10."""
+    earlier = [(10.0, 1.0, 1), (0.8, 0.05, 400)]
+    spent = epsilon_spent(earlier, 1e-5)
+    assert 5 < spent < 25
+    fresh = plan(epsilon=30.0, total_steps=300)
+    later = plan(epsilon=30.0, total_steps=300, prior=earlier)
+    assert later.noise_multiplier > fresh.noise_multiplier
+    whole = [*earlier, later.label_release(), (later.noise_multiplier, later.sample_rate, 300)]
+    assert 29.0 < epsilon_spent(whole, 1e-5) <= 30.0
+    naive = [*earlier, fresh.label_release(), (fresh.noise_multiplier, fresh.sample_rate, 300)]
+    assert epsilon_spent(naive, 1e-5) > 30.0  # what planning without the ledger would do
+    with pytest.raises(BudgetExceeded, match="earlier federations spent"):
+        plan(epsilon=spent, total_steps=300, prior=earlier)
