@@ -81,81 +81,21 @@ def make_client_app(
         cfg = settings(context)
         torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
         hospital = load_hospital(context)
-        fed, pcfg = cfg["federation"], cfg["privacy"]
-        server = msg.content[messages.CONFIG]
-        steps, batch = int(server["local-steps"]), int(fed["batch_size"])
-        server_round = int(server["server-round"])
+        pcfg, server = cfg["privacy"], msg.content[messages.CONFIG]
+        steps = int(server["local-steps"])
         ledger = Ledger(ledger_path(context, hospital), float(pcfg["delta"]), pcfg["accountant"])
         request = digest(
             hospital.name,
-            str(server_round),
+            str(server["server-round"]),
             str(steps),
             *(a.tobytes() for a in messages.from_record(msg.content[messages.ARRAYS]).values()),
         )
-        answered = ledger.answered("train", request)
-        if answered:  # a retried request: the same reply again costs no privacy
-            weights, metrics = messages.unpack_reply(answered)
-            return _train_reply(msg, hospital, weights, metrics)
-        if answered is not None:  # answered long ago, reply no longer kept: do not pay twice
-            reason = f"{hospital.name}: round {server_round} was answered before; not again"
-            ledger.refuse(reason, run=str(context.run_id), round=server_round)
-            raise BudgetExceeded(reason)
-
-        federation = str(server.get("federation", ""))
         try:
-            plan = plan_from_config(
-                pcfg,
-                n_train=len(hospital.train),
-                batch_size=batch,
-                # The hospital plans for the rounds it agreed to; the server cannot stretch
-                # it. Noise is calibrated for what the ledger had left when this federation
-                # first asked.
-                total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
-                prior=ledger.prior(federation) if federation else (),
-            )
-        except BudgetExceeded as e:
-            ledger.refuse(f"{hospital.name}: {e}", run=str(context.run_id), round=server_round)
-            raise
-        n_classes = len(cfg["data"]["classes"])
-        shares = _label_shares(ledger, hospital, n_classes, plan, str(context.run_id))
-        model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])
-        model.label_prior = torch.as_tensor(shares, dtype=torch.float32)
-        set_weights(model, messages.from_record(msg.content[messages.ARRAYS]))
-        try:
-            result = local_round(
-                model,
-                hospital.train.images,
-                hospital.train.labels,
-                plan,
-                steps=steps,
-                batch_size=batch,
-                history=ledger.history(),
-                seed=round_seed(int(cfg["seed"]), hospital.name, server_round),
-                device=str(cfg.get("device_resolved", "cpu")),
-                optimizer_state=_optimizer_state(context),
-            )
-        except BudgetExceeded as e:
-            ledger.refuse(f"{hospital.name}: {e}", run=str(context.run_id), round=server_round)
-            raise  # Flower sends the reason to the server; the round goes on without us
-        release = (plan.noise_multiplier, plan.sample_rate, result.steps)
-        epsilon = ledger.epsilon([*ledger.history(), release])  # inf when DP is off
-        metrics = dict(
-            messages.round_metrics(
-                result.num_examples, epsilon, result.steps, result.losses, shares
-            )
-        )
-        # The privacy spent and the reply are on the hospital's disk before the weights leave.
-        ledger.commit(
-            "train",
-            request,
-            release,
-            messages.pack_reply(result.weights, metrics),
-            run=str(context.run_id),
-            round=server_round,
-        )
-        ledger.forget_old_replies()
-        context.state[OPTIMIZER_STATE] = ConfigRecord({"state": result.optimizer_state})
-        return _train_reply(msg, hospital, result.weights, metrics)
+            return _train_round(msg, context, cfg, hospital, ledger, request, steps)
+        except BudgetExceeded as e:  # refused: on the hospital's record, and sent back
+            reason = f"{hospital.name}: {e}"
+            ledger.refuse(reason, run=str(context.run_id), round=int(server["server-round"]))
+            raise BudgetExceeded(reason) from None  # the round goes on without us
 
     @app.query("audit")
     def audit(msg: Message, context: Context) -> Message:
@@ -187,6 +127,71 @@ def make_client_app(
     return app
 
 
+def _train_round(
+    msg: Message,
+    context: Context,
+    cfg: dict,
+    hospital: Hospital,
+    ledger: Ledger,
+    request: str,
+    steps: int,
+) -> Message:
+    """Answer one training request within the ledger's budget (BudgetExceeded if not)."""
+    answered = ledger.answered("train", request)
+    if answered:  # a retried request: the same reply again costs no privacy
+        weights, metrics = messages.unpack_reply(answered)
+        return _train_reply(msg, hospital, weights, metrics)
+    server_round = int(msg.content[messages.CONFIG]["server-round"])
+    if answered is not None:  # answered long ago, reply no longer kept: do not pay twice
+        raise BudgetExceeded(f"round {server_round} was answered before; not again")
+
+    fed, batch = cfg["federation"], int(cfg["federation"]["batch_size"])
+    federation = str(msg.content[messages.CONFIG].get("federation", ""))
+    plan = plan_from_config(
+        cfg["privacy"],
+        n_train=len(hospital.train),
+        batch_size=batch,
+        # The hospital plans for the rounds it agreed to; the server cannot stretch it.
+        # Noise is calibrated for what the ledger had left when this federation first asked.
+        total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
+        prior=ledger.prior(federation) if federation else (),
+    )
+    n_classes = len(cfg["data"]["classes"])
+    shares = _label_shares(ledger, hospital, n_classes, plan, str(context.run_id))
+    model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])
+    model.label_prior = torch.as_tensor(shares, dtype=torch.float32)
+    set_weights(model, messages.from_record(msg.content[messages.ARRAYS]))
+    result = local_round(
+        model,
+        hospital.train.images,
+        hospital.train.labels,
+        plan,
+        steps=steps,
+        batch_size=batch,
+        history=ledger.history(),
+        seed=round_seed(int(cfg["seed"]), hospital.name, server_round),
+        device=str(cfg.get("device_resolved", "cpu")),
+        optimizer_state=_optimizer_state(context),
+    )
+    release = (plan.noise_multiplier, plan.sample_rate, result.steps)
+    epsilon = ledger.epsilon([*ledger.history(), release])  # inf when DP is off
+    metrics = dict(
+        messages.round_metrics(result.num_examples, epsilon, result.steps, result.losses, shares)
+    )
+    # The privacy spent and the reply are on the hospital's disk before the weights leave.
+    ledger.commit(
+        "train",
+        request,
+        release,
+        messages.pack_reply(result.weights, metrics),
+        run=str(context.run_id),
+        round=server_round,
+    )
+    ledger.forget_old_replies()
+    context.state[OPTIMIZER_STATE] = ConfigRecord({"state": result.optimizer_state})
+    return _train_reply(msg, hospital, result.weights, metrics)
+
+
 def _train_reply(msg: Message, hospital: Hospital, weights: dict, metrics: dict) -> Message:
     content = RecordDict(
         {
@@ -212,9 +217,7 @@ def _label_shares(
     if plan.enabled:
         release = plan.label_release()
         if ledger.epsilon([*ledger.history(), release]) > plan.target_epsilon + 1e-9:
-            reason = f"{hospital.name}: the class-count release would pass the budget"
-            ledger.refuse(reason, run=run)
-            raise BudgetExceeded(reason)
+            raise BudgetExceeded("the class-count release would pass the budget")
     else:
         release = (0.0, 1.0, 1)  # exact counts: no guarantee, recorded as such
     ledger.commit("labels", request, release, json.dumps(shares.tolist()).encode(), run=run)

@@ -86,6 +86,11 @@ def digest(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
+def _history(db: sqlite3.Connection) -> History:
+    rows = db.execute("SELECT noise_multiplier, sample_rate, steps FROM entries ORDER BY id")
+    return [tuple(r) for r in rows.fetchall()]
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -139,7 +144,8 @@ class Ledger:
 
     def history(self) -> History:
         """The accountant history of every entry: ``[(sigma, q, steps), ...]``."""
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries()]
+        with closing(self._connect()) as db:
+            return _history(db)
 
     def epsilon(self, history: History | None = None) -> float:
         """Epsilon of ``history`` (default: the whole ledger) at the ledger's delta."""
@@ -167,10 +173,7 @@ class Ledger:
             ).fetchone()
             if row is not None:
                 return [tuple(h) for h in json.loads(row[0])]
-            rows = db.execute(
-                "SELECT noise_multiplier, sample_rate, steps FROM entries ORDER BY id"
-            ).fetchall()
-            history = [tuple(r) for r in rows]
+            history = _history(db)
             db.execute(
                 "INSERT INTO federations VALUES (?, ?, ?)",
                 (federation, json.dumps(history), _now()),
@@ -196,8 +199,7 @@ class Ledger:
         at = _now()
         with closing(self._connect()) as db, db:
             db.execute("BEGIN IMMEDIATE")  # no other writer between reading and writing
-            rows = db.execute("SELECT noise_multiplier, sample_rate, steps FROM entries")
-            after = self.epsilon([*rows.fetchall(), (sigma, q, steps)])
+            after = self.epsilon([*_history(db), (sigma, q, steps)])
             try:
                 cur = db.execute(
                     "INSERT INTO entries (kind, request, run, round, noise_multiplier, "

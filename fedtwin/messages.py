@@ -11,9 +11,7 @@ import math
 from collections import OrderedDict
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
-
-from fedtwin.privacy import History
+from flwr.app import Array, ArrayRecord, MetricRecord
 
 ARRAYS = "arrays"  # the generator's weights (FedAvg's default key)
 CONFIG = "config"  # server -> hospital: what this round asks for
@@ -30,25 +28,6 @@ def to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((name, arr.numpy()) for name, arr in record.items())
-
-
-def history_to_record(history: History) -> ConfigRecord:
-    """Accountant history as a ConfigRecord, kept in the node's state across rounds."""
-    return ConfigRecord(
-        {
-            "noise_multiplier": [float(h[0]) for h in history],
-            "sample_rate": [float(h[1]) for h in history],
-            "steps": [int(h[2]) for h in history],
-        }
-    )
-
-
-def history_from_record(record: ConfigRecord | None) -> History:
-    if record is None:
-        return []
-    return list(
-        zip(record["noise_multiplier"], record["sample_rate"], record["steps"], strict=True)
-    )
 
 
 def round_metrics(

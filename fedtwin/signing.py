@@ -170,13 +170,13 @@ def check_signature(
     raw: bytes, manifest: bytes, trusted: Ed25519PublicKey | None
 ) -> tuple[list[str], list[str]]:
     """Problems and notes for signature document ``raw`` (manifest.sig) over ``manifest``."""
-    problems, notes = _signature_problems(raw, manifest, trusted)
-    if not problems and trusted is None:
-        notes.append(
-            f"signature checked against the key in {SIGNATURE} ({signer(raw)}); "
-            f"pass --public-key with the consortium's key to check who signed it"
-        )
-    return problems, notes
+    problems = _signature_problems(raw, manifest, trusted)
+    if problems or trusted is not None:
+        return problems, []
+    return [], [
+        f"signature checked against the key in {SIGNATURE} ({signer(raw)}); "
+        f"pass --public-key with the consortium's key to check who signed it"
+    ]
 
 
 def signer(raw: bytes) -> str:
@@ -187,10 +187,7 @@ def signer(raw: bytes) -> str:
         return ""
 
 
-def _signature_problems(
-    raw: bytes, manifest: bytes, trusted: Ed25519PublicKey | None
-) -> tuple[list[str], list[str]]:
-    notes: list[str] = []
+def _signature_problems(raw: bytes, manifest: bytes, trusted: Ed25519PublicKey | None) -> list[str]:
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict):
@@ -198,20 +195,20 @@ def _signature_problems(
         embedded = Ed25519PublicKey.from_public_bytes(base64.b64decode(doc["public_key"]))
         signature = base64.b64decode(doc["signature"], validate=True)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        return [f"{SIGNATURE}: unreadable ({e})"], notes
+        return [f"{SIGNATURE}: unreadable ({e})"]
     if doc.get("algorithm") != "Ed25519" or doc.get("signed_file") != MANIFEST:
-        return [f"{SIGNATURE}: expected an Ed25519 signature of {MANIFEST}"], notes
+        return [f"{SIGNATURE}: expected an Ed25519 signature of {MANIFEST}"]
     if doc.get("key_fingerprint") != fingerprint(embedded):
-        return [f"{SIGNATURE}: key fingerprint does not match its public key"], notes
+        return [f"{SIGNATURE}: key fingerprint does not match its public key"]
     if (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode() != raw:
-        return [f"{SIGNATURE}: not in the form fedtwin writes (altered?)"], notes
+        return [f"{SIGNATURE}: not in the form fedtwin writes (altered?)"]
     if trusted is not None and fingerprint(trusted) != fingerprint(embedded):
         return [
             f"{SIGNATURE}: signed by {fingerprint(embedded)}, not by the trusted key "
             f"{fingerprint(trusted)}"
-        ], notes
+        ]
     try:
         (trusted or embedded).verify(signature, manifest)
     except InvalidSignature:
-        return [f"{MANIFEST}: the signature does not verify (the manifest was changed)"], notes
-    return [], notes
+        return [f"{MANIFEST}: the signature does not verify (the manifest was changed)"]
+    return []

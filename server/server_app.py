@@ -59,11 +59,11 @@ def train_and_publish(
         min_available_nodes=int(fed["hospitals"]),
         max_update_norm=float(fed["max_update_norm"]),
     )
-    arrays = messages.to_record(initial_weights(cfg))
+    expected = initial_weights(cfg)
+    arrays = messages.to_record(expected)
     previous = load_checkpoint(out) if fed.get("resume", True) else None
     if previous is not None:
         done, weights, rounds = previous
-        expected = initial_weights(cfg)
         if set(weights) != set(expected) or any(
             weights[k].shape != expected[k].shape for k in expected
         ):
