@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedtwin.client.secagg import secure_aggregation
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -69,9 +70,10 @@ def make_client_app(
     ``load_hospital`` gives the hospital's own data for the node running the app (its
     archive in deployment, its partition in simulation), ``ledger_path`` its privacy
     ledger. The hospital's budget (``privacy.*``) is read here, on the hospital's side.
-    ``mods`` are Flower client mods wrapped around every message.
+    ``mods`` are Flower client mods wrapped around every message, inside the secure
+    aggregation mod (``fedtwin.client.secagg``) with which every hospital answers SecAgg+.
     """
-    app = ClientApp(mods=mods or [])
+    app = ClientApp(mods=[secure_aggregation, *(mods or [])])
 
     def settings(context: Context) -> dict:
         return config(context) if callable(config) else config

@@ -33,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg)
     log(INFO, "fedtwin run %s: output in %s", context.run_id, out)
-    train_and_publish(grid, cfg, out)
+    train_and_publish(grid, context, cfg, out)
 
 
 APP_PYPROJECT = """\

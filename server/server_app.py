@@ -9,6 +9,7 @@ from logging import INFO
 from pathlib import Path
 
 from fedtwin.server.publish import publish_twin
+from fedtwin.server.secagg import train_secure
 from fedtwin.server.strategy import TwinFedAvg, load_checkpoint
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
@@ -41,55 +42,80 @@ def federation_id(cfg: dict, out: Path) -> str:
 
 
 def train_and_publish(
-    grid: Grid, cfg: dict, out: Path, strategy_class: type[TwinFedAvg] = TwinFedAvg
+    grid: Grid,
+    context: Context,
+    cfg: dict,
+    out: Path,
+    strategy_class: type[TwinFedAvg] = TwinFedAvg,
 ) -> None:
     """Train for ``federation.rounds``, checkpointing into ``out``, then write the audited
     (and, if it passed, signed) twin to ``out/twin``. The same in simulation and deployment.
+
+    With ``federation.secure_aggregation`` (the default) the server only ever holds the
+    sum of the hospitals' updates (``secagg.train_secure``); without it, each hospital's
+    update is checked and averaged here (``strategy_class``).
 
     If ``out`` holds checkpoints (a run that crashed or was stopped), training resumes after
     the last completed round with its weights and round numbers: a hospital asked again
     for a round it had already answered replies from its ledger and pays nothing twice.
     """
     fed = cfg["federation"]
-    strategy = strategy_class(
-        out=out,
-        fraction_train=1.0,
-        fraction_evaluate=0.0,  # the twin is evaluated after training, not per round
-        min_train_nodes=int(fed["min_hospitals"]),
-        min_available_nodes=int(fed["hospitals"]),
-        max_update_norm=float(fed["max_update_norm"]),
-    )
-    expected = initial_weights(cfg)
-    arrays = messages.to_record(expected)
+    weights, done, history = initial_weights(cfg), 0, []
     previous = load_checkpoint(out) if fed.get("resume", True) else None
     if previous is not None:
-        done, weights, rounds = previous
-        if set(weights) != set(expected) or any(
-            weights[k].shape != expected[k].shape for k in expected
-        ):
+        done, saved, history = previous
+        if set(saved) != set(weights) or any(saved[k].shape != weights[k].shape for k in weights):
             raise ValueError(
                 f"{out}/checkpoints hold another model's weights; use a new output folder "
                 f"or federation.resume=false"
             )
         log(INFO, "resuming after round %d of %d from %s", done, int(fed["rounds"]), out)
-        strategy.resume(done, rounds)
-        arrays = messages.to_record(weights)
-    remaining = int(fed["rounds"]) - strategy.offset
-    if remaining > 0:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=arrays,
-            num_rounds=remaining,
-            train_config=ConfigRecord(
-                {"local-steps": int(fed["local_steps"]), "federation": federation_id(cfg, out)}
-            ),
-        )
-        arrays = result.arrays
-    if not any(r["hospitals"] for r in strategy.rounds):
-        refusals = [r for e in strategy.rounds for r in e["refused"]]
+        weights = saved
+    train_config = {"local-steps": int(fed["local_steps"]), "federation": federation_id(cfg, out)}
+    if done < int(fed["rounds"]):
+        if fed["secure_aggregation"]:
+            weights, history = train_secure(
+                grid, context, cfg, out, weights, done, history, train_config
+            )
+        else:
+            weights, history = train_plain(
+                grid, cfg, out, weights, done, history, train_config, strategy_class
+            )
+    if not any(r["hospitals"] for r in history):
+        refusals = [r for e in history for r in e["refused"]]
         why = f": {refusals[0]['reason']}" if refusals else ""
         raise RuntimeError(f"no hospital trained in any round, nothing to publish{why}")
-    publish_twin(grid, cfg, out, arrays, strategy.rounds)
+    publish_twin(grid, cfg, out, messages.to_record(weights), history)
+
+
+def train_plain(
+    grid: Grid,
+    cfg: dict,
+    out: Path,
+    weights: dict,
+    done: int,
+    history: list[dict],
+    train_config: dict,
+    strategy_class: type[TwinFedAvg] = TwinFedAvg,
+) -> tuple[dict, list[dict]]:
+    """Train the rounds after ``done`` with every update checked and averaged here."""
+    fed = cfg["federation"]
+    strategy = strategy_class(
+        out=out,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,  # the twin is evaluated after training, not per round
+        min_train_nodes=int(fed["min_hospitals"]),
+        min_available_nodes=int(fed["hospitals"]),  # round 1 waits for all of them
+        max_update_norm=float(fed["max_update_norm"]),
+    )
+    strategy.resume(done, history)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=messages.to_record(weights),
+        num_rounds=int(fed["rounds"]) - done,
+        train_config=ConfigRecord(train_config),
+    )
+    return dict(messages.from_record(result.arrays)), strategy.rounds
 
 
 def make_server_app(
@@ -100,6 +126,6 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        train_and_publish(grid, cfg, out, strategy_class)
+        train_and_publish(grid, context, cfg, out, strategy_class)
 
     return app

@@ -61,7 +61,10 @@ class TwinFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent = messages.from_record(arrays)
-        return super().configure_train(server_round + self.offset, arrays, config, grid)
+        replies = super().configure_train(server_round + self.offset, arrays, config, grid)
+        # Later rounds go on with whoever is online (at least min_train_nodes).
+        self.min_available_nodes = self.min_train_nodes
+        return replies
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -81,20 +84,31 @@ class TwinFedAvg(FedAvg):
                     server_round, name, node, problem)  # fmt: skip
                 rejected.append({"node": node, "hospital": name, "reason": problem})
                 continue
-            m = dict(msg.content[messages.METRICS])
-            m["epsilon"] = messages.epsilon_from_metric(m["epsilon"])
-            hospitals[name] = m
+            hospitals[name] = hospital_metrics(msg.content[messages.METRICS])
             good.append(msg)
         arrays, metrics = super().aggregate_train(server_round, good)
         entry = {"round": server_round, "hospitals": hospitals, "refused": refused}
         entry["rejected"] = rejected
         if metrics is not None:
             entry["mean"] = {k: v for k, v in metrics.items() if k != "epsilon"}
-        self.rounds.append(entry)
-        log(INFO, "round %d: %s", server_round, describe_round(entry))
-        if arrays is not None:
-            save_checkpoint(self.out, server_round, arrays, self.rounds)
+        record_round(self.out, self.rounds, entry, arrays)
         return arrays, metrics
+
+
+def hospital_metrics(metrics) -> dict:
+    """A hospital's round metrics as the history keeps them (epsilon inf when DP is off)."""
+    m = dict(metrics)
+    m["epsilon"] = messages.epsilon_from_metric(float(m["epsilon"]))
+    return m
+
+
+def record_round(out: Path, rounds: list[dict], entry: dict, arrays: ArrayRecord | None) -> None:
+    """Log a finished round, add it to ``rounds`` and, if it made a new global model,
+    checkpoint both (a round without one is repeated after a restart)."""
+    rounds.append(entry)
+    log(INFO, "round %d: %s", entry["round"], describe_round(entry))
+    if arrays is not None:
+        save_checkpoint(out, entry["round"], arrays, rounds)
 
 
 def describe_round(entry: dict) -> str:
@@ -104,11 +118,16 @@ def describe_round(entry: dict) -> str:
         parts.append(
             f"{name} eps {eps} loss_d {m.get('loss_d', 0):.3f} loss_g {m.get('loss_g', 0):.3f}"
         )
-    parts += [f"node {r['node']} refused: {r['reason']}" for r in entry["refused"]]
+    parts += [
+        f"node {r['node']} refused: {r['reason']}" if r.get("node") else f"refused: {r['reason']}"
+        for r in entry["refused"]
+    ]
     parts += [
         f"{r['hospital']} (node {r['node']}) rejected: {r['reason']}"
         for r in entry.get("rejected", [])
     ]
+    if entry.get("halted"):
+        parts.append(entry["halted"])
     return "; ".join(parts) or "no hospital answered"
 
 

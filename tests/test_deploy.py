@@ -1,7 +1,8 @@
 """Deployment with real Flower processes on 127.0.0.1: a SuperLink over TLS with SuperNode
 authentication and a SQLite state database, one SuperNode per hospital reading its DICOM
 archive and keeping its privacy ledger, and `flwr run` of the app `fedtwin deploy app`
-writes. Every process is started on a free port, bounded in time and ended by its group."""
+writes, training with DP under SecAgg+. Every process is started on a free port, bounded
+in time and ended by its group."""
 
 from __future__ import annotations
 
@@ -229,6 +230,8 @@ def test_three_hospitals_over_tls_train_and_publish_a_twin(consortium):
     assert len(history) == 2
     for entry in history:
         assert set(entry["hospitals"]) == {"hospital-0", "hospital-1"}
+        # SecAgg+ (the default): the sum of two, hospital-2 unmasked as a dropout
+        assert entry["secure_aggregation"] == {"summed": 2, "dropped": 1}
         assert any("budget" in r["reason"] for r in entry["refused"])  # hospital-2, at its budget
     for name in ("hospital-0", "hospital-1"):
         ledger = Ledger(c.root / name / "ledger.sqlite", delta=1e-5)

@@ -1,6 +1,8 @@
 """Updates are checked before they are averaged: a NaN update and a wrong-shape update,
-made by a deliberately faulty client mod at two of three simulated hospitals, are rejected
-with their node ids and the round goes on with the good one."""
+made by a deliberately faulty client mod at two simulated hospitals, are rejected and the
+round goes on with the good ones. Without secure aggregation the server rejects them with
+their node ids; under SecAgg+ (the server never sees one update) each hospital's own check
+refuses to send them, and the round sums the others."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def faulty(msg, context, call_next):
     """A client mod that breaks the training replies of partitions 1 (NaN) and 2 (shape)."""
     reply = call_next(msg, context)
     part = int(context.node_config["partition-id"])
-    if msg.metadata.message_type != "train" or reply.has_error() or part == 0:
+    if msg.metadata.message_type != "train" or reply.has_error() or part not in (1, 2):
         return reply
     weights = messages.from_record(reply.content[messages.ARRAYS])
     name = next(iter(weights))
@@ -48,13 +50,10 @@ def faulty(msg, context, call_next):
     return reply
 
 
-@pytest.mark.slow
-def test_nan_and_wrong_shape_updates_are_rejected_and_the_round_goes_on(small_real, tmp_path):
-    images, labels = small_real
-    hospitals = make_hospitals(Split(images, labels), 3, "iid", 0.5, 0.2, seed=0)
+def federate(hospitals, tmp_path, *overrides):
     cfg = load_config(
-        ["+experiment=tiny", "federation.hospitals=3", "federation.rounds=1", "twin.size=40",
-         "twin.dicom=false", "audit.override=update-check-test"]
+        ["+experiment=tiny", f"federation.hospitals={len(hospitals)}", "federation.rounds=1",
+         "twin.size=40", "twin.dicom=false", "audit.override=update-check-test", *overrides]
     )  # fmt: skip
     client = make_client_app(
         cfg,
@@ -65,21 +64,55 @@ def test_nan_and_wrong_shape_updates_are_rejected_and_the_round_goes_on(small_re
     run_simulation(
         server_app=make_server_app(cfg, tmp_path),
         client_app=client,
-        num_supernodes=3,
+        num_supernodes=len(hospitals),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                         "init_args": {"num_cpus": 2, "include_dashboard": False}},
     )  # fmt: skip
     (entry,) = json.loads((tmp_path / "history.json").read_text())["rounds"]
+    return cfg, entry
+
+
+def sent_update(tmp_path, name):
+    """The update a hospital's ledger recorded sending, and its example count."""
+    ledger = Ledger(tmp_path / "ledgers" / f"{name}.sqlite", delta=1e-5)
+    (sent,) = [e for e in ledger.entries() if e.kind == "train"]
+    weights, metrics = messages.unpack_reply(ledger.answered("train", sent.request))
+    return weights, metrics["num-examples"]
+
+
+@pytest.mark.slow
+def test_nan_and_wrong_shape_updates_are_rejected_and_the_round_goes_on(small_real, tmp_path):
+    images, labels = small_real
+    hospitals = make_hospitals(Split(images, labels), 3, "iid", 0.5, 0.2, seed=0)
+    cfg, entry = federate(hospitals, tmp_path, "federation.secure_aggregation=false")
     assert list(entry["hospitals"]) == ["hospital-0"]
     reasons = {r["hospital"]: r["reason"] for r in entry["rejected"]}
     assert "not finite" in reasons["hospital-1"] and "shape" in reasons["hospital-2"]
     assert all(r["node"] > 0 for r in entry["rejected"])
     # the global model is hospital-0's update alone, as its ledger recorded sending it
     saved = torch.load(tmp_path / "checkpoints" / "round-001.pt")["weights"]
-    ledger = Ledger(tmp_path / "ledgers" / "hospital-0.sqlite", delta=1e-5)
-    (sent,) = [e for e in ledger.entries() if e.kind == "train"]
-    weights, _ = messages.unpack_reply(ledger.answered("train", sent.request))
+    weights, _ = sent_update(tmp_path, "hospital-0")
     assert set(saved) == set(weights) == set(initial_weights(cfg))
     for name, value in weights.items():
         np.testing.assert_allclose(saved[name].numpy(), value, rtol=1e-6, atol=1e-7)
+    assert (tmp_path / "twin" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_under_secure_aggregation_each_hospital_refuses_its_own_bad_update(small_real, tmp_path):
+    images, labels = small_real
+    hospitals = make_hospitals(Split(images, labels), 4, "iid", 0.5, 0.2, seed=0)
+    cfg, entry = federate(hospitals, tmp_path)
+    assert cfg["federation"]["secure_aggregation"]
+    assert sorted(entry["hospitals"]) == ["hospital-0", "hospital-3"]
+    assert entry["secure_aggregation"] == {"summed": 2, "dropped": 2}
+    reasons = " | ".join(r["reason"] for r in entry["refused"])
+    assert "hospital-1: own update failed its check" in reasons and "not finite" in reasons
+    assert "hospital-2: own update failed its check" in reasons and "shape" in reasons
+    # the global model is the weighted average of the two good updates (SecAgg+ quantized)
+    saved = torch.load(tmp_path / "checkpoints" / "round-001.pt")["weights"]
+    (w0, n0), (w3, n3) = sent_update(tmp_path, "hospital-0"), sent_update(tmp_path, "hospital-3")
+    for name in w0:
+        expected = (w0[name].astype(np.float64) * n0 + w3[name] * n3) / (n0 + n3)
+        np.testing.assert_allclose(saved[name].numpy(), expected, atol=1e-3)
     assert (tmp_path / "twin" / "manifest.json").is_file()
