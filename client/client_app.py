@@ -62,6 +62,7 @@ def make_client_app(
     load_hospital: Callable[[Context], Hospital],
     ledger_path: Callable[[Context, Hospital], Path] = ledger_from_node_config,
     mods: list | None = None,
+    outer_mods: list | None = None,
 ) -> ClientApp:
     """A ClientApp for one consortium run.
 
@@ -70,10 +71,12 @@ def make_client_app(
     ``load_hospital`` gives the hospital's own data for the node running the app (its
     archive in deployment, its partition in simulation), ``ledger_path`` its privacy
     ledger. The hospital's budget (``privacy.*``) is read here, on the hospital's side.
-    ``mods`` are Flower client mods wrapped around every message, inside the secure
-    aggregation mod (``fedtwin.client.secagg``) with which every hospital answers SecAgg+.
+    ``mods`` are Flower client mods around the handlers: inside the secure aggregation
+    mod (``fedtwin.client.secagg``) with which every hospital answers SecAgg+, they see
+    plain training messages and replies. ``outer_mods`` go around everything and see the
+    SecAgg+ protocol's messages.
     """
-    app = ClientApp(mods=[secure_aggregation, *(mods or [])])
+    app = ClientApp(mods=[*(outer_mods or []), secure_aggregation, *(mods or [])])
 
     def settings(context: Context) -> dict:
         return config(context) if callable(config) else config

@@ -114,6 +114,29 @@ class SecureFedAvg(FedAvg):
         return ndarrays_to_parameters([weights[n] for n in self.names]), {}
 
 
+class SecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, forgetting hospitals that left before sharing their keys.
+
+    In flwr 1.42 the unmask step asks the remaining hospitals for key shares of every
+    hospital sampled in the round, including one that dropped out before it shared any;
+    they have none, every one of them fails, and the round is lost to a single early
+    dropout. A hospital that shared no keys put no mask on anyone's vector, so there is
+    nothing to unmask for it: after the key sharing, the round's hospitals are those that
+    took part in it, and their neighbours only those among them.
+    """
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        shared = set(state.active_node_ids)
+        state.sampled_node_ids = shared
+        state.nid_to_neighbours = {
+            nid: neighbours & shared
+            for nid, neighbours in state.nid_to_neighbours.items()
+            if nid in shared
+        }
+        return ok
+
+
 def _reasons(failures) -> list[str]:
     """The hospitals' error reasons; the workflow lists one error reply more than once."""
     errors = {}
@@ -145,7 +168,7 @@ def train_secure(
     legacy = LegacyContext(
         context, config=ServerConfig(num_rounds=int(fed["rounds"]) - done), strategy=strategy
     )
-    workflow = SecAggPlusWorkflow(
+    workflow = SecAggPlus(
         num_shares=1.0,  # every hospital holds a share of every other's keys
         reconstruction_threshold=float(secagg["reconstruction_threshold"]),
         max_weight=float(secagg["max_examples"]),

@@ -44,7 +44,7 @@ class Consortium:
     """The processes of one consortium; ``stop`` ends them all by process group."""
 
     def __init__(self, root: Path):
-        self.root, self.procs = root, []
+        self.root, self.procs, self.nodes = root, [], {}
         self.port = free_port()
         self.ca = root / "pki" / "ca.pem"
         self.env = {
@@ -80,12 +80,13 @@ class Consortium:
 
     def start_supernode(self, name: str, archive: Path, ledger: Path) -> subprocess.Popen:
         config = f"data='{archive}' ledger='{ledger}' epsilon=10.0"
-        return self.start(name, [
+        self.nodes[name] = self.start(name, [
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.ca),
             "--auth-supernode-private-key", str(self.root / "pki" / f"{name}.node"),
             "--port", str(free_port()), "--node-config", config,
         ])  # fmt: skip
+        return self.nodes[name]
 
     def run(self, out: Path, overrides: str, timeout: float = 900) -> dict:
         """``flwr run`` of the app for ``out``; waits for the run to finish."""
@@ -158,26 +159,28 @@ def nodes(c: Consortium) -> list[dict]:
         return []
 
 
-@pytest.fixture(scope="module")
-def consortium(tmp_path_factory, data_path):
-    root = tmp_path_factory.mktemp("consortium")
+def build(root: Path, data_path: Path, names: tuple[str, ...], spent: tuple[str, ...] = ()):
+    """A consortium in ``root``: PKI, one DICOM archive per hospital (300 real images
+    each), a running SuperLink, the hospitals' keys registered and their SuperNodes online.
+    The hospitals in ``spent`` have used their whole budget in an earlier federation."""
     d = np.load(data_path)
-    np.savez(root / "source.npz", train_images=d["train_images"][:900],
-             train_labels=d["train_labels"][:900])  # fmt: skip
+    n = 300 * len(names)
+    np.savez(root / "source.npz", train_images=d["train_images"][:n],
+             train_labels=d["train_labels"][:n])  # fmt: skip
     archives = make_hospital_archives(
-        root / "source.npz", 3, "iid", 0.5, 0.2, 0, root / "archives", progress=False
+        root / "source.npz", len(names), "iid", 0.5, 0.2, 0, root / "archives", progress=False
     )
     keys = root / "pki"
     pki.init_ca(keys)
     pki.issue_server(keys, "superlink", ["127.0.0.1", "localhost"])
-    for name in (*HOSPITALS, "stranger"):
+    for name in (*names, "stranger"):
         pki.make_node_keys(keys, name)
-    # hospital-2 has spent its whole budget in an earlier federation
-    Ledger(root / "hospital-2" / "ledger.sqlite", delta=1e-5).commit(
-        "train", digest("an earlier federation"), (0.5, 1.0, 100), b""
-    )
-
+    for name in spent:
+        Ledger(root / name / "ledger.sqlite", delta=1e-5).commit(
+            "train", digest("an earlier federation"), (0.5, 1.0, 100), b""
+        )
     c = Consortium(root)
+    c.archives = dict(zip(names, archives, strict=True))
     try:
         c.start_superlink("superlink")
         operator = root / "homes" / "operator"
@@ -186,16 +189,26 @@ def consortium(tmp_path_factory, data_path):
             f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\n'
             f'address = "127.0.0.1:{c.port}"\nroot-certificates = "{c.ca}"\n'
         )
-        for name in HOSPITALS:  # the operator registers the hospitals' public keys
+        for name in names:  # the operator registers the hospitals' public keys
             out = c.flwr("supernode", "register", str(keys / f"{name}.node.pub"), "consortium")
             assert out.returncode == 0, out.stdout + out.stderr
-        for name, archive in zip(HOSPITALS, archives, strict=True):
-            c.start_supernode(name, archive, root / name / "ledger.sqlite")
-        wait_for(
-            "3 SuperNodes online",
-            lambda: sum(n.get("status") == "online" for n in nodes(c)) == 3,
-            180,
-        )
+        for name in names:
+            c.start_supernode(name, c.archives[name], root / name / "ledger.sqlite")
+        wait_for(f"{len(names)} SuperNodes online", lambda: online(c) == len(names), 180)
+    except BaseException:
+        c.stop()
+        raise
+    return c
+
+
+def online(c: Consortium) -> int:
+    return sum(n.get("status") == "online" for n in nodes(c))
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory, data_path):
+    c = build(tmp_path_factory.mktemp("consortium"), data_path, HOSPITALS, spent=("hospital-2",))
+    try:
         yield c
     finally:
         c.stop()
@@ -253,3 +266,52 @@ def test_three_hospitals_over_tls_train_and_publish_a_twin(consortium):
     assert manifest["gate"]["signed"], audit["checks"]
     checked = verify_twin(out / "twin")
     assert checked.ok and (manifest["gate"]["override"] is None or "override" in str(checked.notes))
+
+
+def test_a_hospital_node_killed_mid_round_does_not_stop_the_run(tmp_path, data_path):
+    """4 hospitals under SecAgg+; hospital-3's SuperNode is killed (SIGKILL, its ClientApp
+    with it) as round 2 begins. Round 2 goes on with the other three once the SuperLink
+    reports the node offline; hospital-3 restarts with the same key and ledger, rejoins in
+    round 3 (min_hospitals=4 makes round 3 wait for it), and its ledger holds exactly the
+    rounds it finished."""
+    names = ("hospital-0", "hospital-1", "hospital-2", "hospital-3")
+    c = build(tmp_path, data_path, names)
+    try:
+        out = tmp_path / "out"
+        overrides = TINY.replace("federation.hospitals=3 federation.min_hospitals=1", "")
+        overrides += " federation.hospitals=4 federation.min_hospitals=4 federation.rounds=3"
+        overrides += " federation.local_steps=20 audit.override=node-failure-test"
+        app = write_app(tmp_path / "app", out, overrides).parent
+        started = c.flwr("run", str(app), "consortium", "--format", "json")
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_id = str(json.loads(started.stdout)["run-id"])
+
+        def rounds_done() -> int:
+            try:
+                return len(json.loads((out / "history.json").read_text())["rounds"])
+            except (OSError, json.JSONDecodeError):
+                return 0
+
+        wait_for("round 1", lambda: rounds_done() >= 1, 300)
+        victim = c.nodes["hospital-3"]
+        os.killpg(victim.pid, signal.SIGKILL)  # the node and its ClientApp, mid-round 2
+        victim.wait()
+        wait_for("round 2 without hospital-3", lambda: rounds_done() >= 2, 300)
+        ledger = c.root / "hospital-3" / "ledger.sqlite"
+        c.start_supernode("hospital-3", c.archives["hospital-3"], ledger)  # it comes back
+        run = c.wait_run(run_id, 600)
+        assert run["status"] == "finished:completed", run["logs"][-4000:]
+    finally:
+        c.stop()
+
+    history = json.loads((out / "history.json").read_text())["rounds"]
+    trained = [sorted(e["hospitals"]) for e in history]
+    assert trained == [list(names), list(names[:3]), list(names)], trained
+    assert history[1]["secure_aggregation"] == {"summed": 3, "dropped": 1}
+    assert history[1]["refused"], history[1]  # the SuperLink's "node unavailable"
+    rounds = [e.round for e in Ledger(ledger, delta=1e-5).entries() if e.kind == "train"]
+    assert rounds == [1, 3]  # what it finished; round 2 was never paid for
+    for name in names[:3]:
+        rows = Ledger(c.root / name / "ledger.sqlite", delta=1e-5).entries()
+        assert [e.round for e in rows if e.kind == "train"] == [1, 2, 3]
+    assert (out / "twin" / "manifest.json").is_file()

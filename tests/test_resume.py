@@ -53,7 +53,7 @@ def test_restart_resumes_and_no_ledger_entry_counts_twice(small_real, tmp_path):
     hospitals = make_hospitals(Split(images, labels), 2, "iid", 0.5, 0.2, seed=0)
     cfg = load_config(
         ["+experiment=tiny", "federation.rounds=3", "twin.size=40", "twin.dicom=false",
-         "audit.override=resume-test"]
+         "audit.override=resume-test", "federation.secure_aggregation=false"]
     )  # fmt: skip
     federate(cfg, hospitals, tmp_path / "clean")
 

@@ -1,7 +1,8 @@
 """Secure aggregation (SecAgg+, on by default): the server-side code never holds one
 hospital's update. Every message the ServerApp receives is recorded; none carries weights,
 the masked vectors it does get are unrelated to each hospital's update (taken from the
-hospital's own ledger), and what it ends with is their example-weighted average."""
+hospital's own ledger), and what it ends with is their example-weighted average. A round
+survives hospitals that leave before sharing keys and hospitals that refuse to send."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from fedtwin.client.client_app import make_client_app
 from fedtwin.server.server_app import train_and_publish
 from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
@@ -40,13 +41,47 @@ class RecordingGrid:
         return getattr(self.grid, name)
 
 
+def federate(hospitals, cfg, out, server_app=None, **client_kwargs):
+    def main(grid, context):
+        train_and_publish(grid, context, cfg, out)
+
+    if server_app is None:
+        server_app = ServerApp()
+        server_app.main()(main)
+    run_simulation(
+        server_app=server_app,
+        client_app=make_client_app(
+            cfg,
+            lambda ctx: hospitals[int(ctx.node_config["partition-id"])],
+            lambda ctx, h: out / "ledgers" / f"{h.name}.sqlite",
+            **client_kwargs,
+        ),
+        num_supernodes=len(hospitals),
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
+    )  # fmt: skip
+    return json.loads((out / "history.json").read_text())["rounds"]
+
+
+def sent(out, name):
+    """The update a hospital's ledger recorded sending (round 1), and its example count."""
+    ledger = Ledger(out / "ledgers" / f"{name}.sqlite", delta=1e-5)
+    (e,) = [e for e in ledger.entries() if e.kind == "train"]
+    weights, metrics = messages.unpack_reply(ledger.answered("train", e.request))
+    return weights, metrics["num-examples"]
+
+
+def tiny(hospitals: int, *more: str) -> dict:
+    return load_config(
+        ["+experiment=tiny", f"federation.hospitals={hospitals}", "federation.rounds=1",
+         "twin.size=40", "twin.dicom=false", "audit.override=secure-aggregation-test", *more]
+    )  # fmt: skip
+
+
 def test_the_server_only_ever_holds_the_sum(small_real, tmp_path):
     images, labels = small_real
     hospitals = make_hospitals(Split(images, labels), 3, "dirichlet", 1.0, 0.2, seed=0)
-    cfg = load_config(
-        ["+experiment=tiny", "federation.hospitals=3", "federation.rounds=1", "twin.size=40",
-         "twin.dicom=false", "audit.override=secure-aggregation-test"]
-    )  # fmt: skip
+    cfg = tiny(3)
     assert cfg["federation"]["secure_aggregation"]  # the default
     grids = []
     server = ServerApp()
@@ -56,29 +91,14 @@ def test_the_server_only_ever_holds_the_sum(small_real, tmp_path):
         grids.append(RecordingGrid(grid))
         train_and_publish(grids[0], context, cfg, tmp_path)
 
-    run_simulation(
-        server_app=server,
-        client_app=make_client_app(
-            cfg,
-            lambda ctx: hospitals[int(ctx.node_config["partition-id"])],
-            lambda ctx, h: tmp_path / "ledgers" / f"{h.name}.sqlite",
-        ),
-        num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
-    )  # fmt: skip
-    (entry,) = json.loads((tmp_path / "history.json").read_text())["rounds"]
+    (entry,) = federate(hospitals, cfg, tmp_path, server)
     assert entry["secure_aggregation"] == {"summed": 3, "dropped": 0}
     names = list(entry["hospitals"])
     assert len(names) == 3
 
     # What each hospital really sent into the protocol: its ledger's committed reply.
-    sent, counts = {}, {}
-    for name in names:
-        ledger = Ledger(tmp_path / "ledgers" / f"{name}.sqlite", delta=1e-5)
-        (e,) = [e for e in ledger.entries() if e.kind == "train"]
-        sent[name], metrics = messages.unpack_reply(ledger.answered("train", e.request))
-        counts[name] = metrics["num-examples"]
+    updates = {name: sent(tmp_path, name) for name in names}
+    counts = {name: n for name, (_, n) in updates.items()}
 
     train_replies = [m for m in grids[0].replies if m.metadata.message_type == "train"]
     assert len(train_replies) == 4 * 3  # four SecAgg+ stages, three hospitals
@@ -97,7 +117,7 @@ def test_the_server_only_ever_holds_the_sum(small_real, tmp_path):
     clip, levels = float(secagg["clipping_range"]), 2**22
     for name in names:  # the masked vector says nothing about the update it hides
         ratio = counts[name] / float(secagg["max_examples"])
-        flat = np.concatenate([w.ravel() for w in sent[name].values()]).astype(np.float64)
+        flat = np.concatenate([w.ravel() for w in updates[name][0].values()]).astype(np.float64)
         quantized = (flat * ratio + clip) * levels / (2 * clip)
         corr = np.corrcoef(masked[name].astype(np.float64), quantized)[0, 1]
         assert abs(corr) < 0.05, (name, corr)
@@ -108,7 +128,10 @@ def test_the_server_only_ever_holds_the_sum(small_real, tmp_path):
     saved = torch.load(tmp_path / "checkpoints" / "round-001.pt")["weights"]
     keys = list(saved)
     final = np.concatenate([saved[k].numpy().ravel() for k in keys]).astype(np.float64)
-    own = {n: np.concatenate([sent[n][k].ravel() for k in keys]).astype(np.float64) for n in names}
+    own = {
+        n: np.concatenate([updates[n][0][k].ravel() for k in keys]).astype(np.float64)
+        for n in names
+    }
     average = sum(own[n] * counts[n] for n in names) / sum(counts.values())
     error = np.abs(final - average).max()
     print(f"largest difference from the weighted average: {error:.2e}")
@@ -116,3 +139,38 @@ def test_the_server_only_ever_holds_the_sum(small_real, tmp_path):
     for n in names:  # and it is none of the hospitals' own updates
         assert np.abs(final - own[n]).max() > 100 * error
     assert (tmp_path / "twin" / "manifest.json").is_file()
+
+
+def leaves_at_setup(msg, context, call_next):
+    """Outer client mod: partition 3's node is gone before it shares any key."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    setup = configs is not None and configs.get(Key.STAGE) == Stage.SETUP
+    if setup and int(context.node_config["partition-id"]) == 3:
+        raise ConnectionError("hospital-3 went offline")
+    return call_next(msg, context)
+
+
+def refuses(msg, context, call_next):
+    """Inner client mod: partition 2 breaks its update, so its own check refuses it."""
+    reply = call_next(msg, context)
+    if int(context.node_config["partition-id"]) == 2 and not reply.has_error():
+        weights = messages.from_record(reply.content[messages.ARRAYS])
+        name = next(iter(weights))
+        weights[name] = np.full_like(weights[name], np.inf)
+        reply.content[messages.ARRAYS] = messages.to_record(weights)
+    return reply
+
+
+def test_a_round_survives_hospitals_leaving_before_and_after_sharing_keys(small_real, tmp_path):
+    images, labels = small_real
+    hospitals = make_hospitals(Split(images, labels), 4, "iid", 0.5, 0.2, seed=0)
+    (entry,) = federate(hospitals, tiny(4), tmp_path, mods=[refuses], outer_mods=[leaves_at_setup])
+    assert sorted(entry["hospitals"]) == ["hospital-0", "hospital-1"]
+    assert entry["secure_aggregation"] == {"summed": 2, "dropped": 2}
+    reasons = " | ".join(r["reason"] for r in entry["refused"])
+    assert "hospital-3 went offline" in reasons and "hospital-2: own update failed" in reasons
+    saved = torch.load(tmp_path / "checkpoints" / "round-001.pt")["weights"]
+    (w0, n0), (w1, n1) = sent(tmp_path, "hospital-0"), sent(tmp_path, "hospital-1")
+    for key in w0:
+        expected = (w0[key].astype(np.float64) * n0 + w1[key] * n1) / (n0 + n1)
+        np.testing.assert_allclose(saved[key].numpy(), expected, atol=1e-3)
