@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,6 +167,7 @@ def _train_round(
     model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])
     model.label_prior = torch.as_tensor(shares, dtype=torch.float32)
     set_weights(model, messages.from_record(msg.content[messages.ARRAYS]))
+    started = time.perf_counter()
     result = local_round(
         model,
         hospital.train.images,
@@ -183,6 +185,7 @@ def _train_round(
     metrics = dict(
         messages.round_metrics(result.num_examples, epsilon, result.steps, result.losses, shares)
     )
+    metrics["train-seconds"] = time.perf_counter() - started  # the local compute alone
     # The privacy spent and the reply are on the hospital's disk before the weights leave.
     ledger.commit(
         "train",

@@ -55,7 +55,7 @@ def hospital_config(context: Context) -> dict:
 
 def load_site(context: Context) -> Hospital:
     node, cfg = context.node_config, config_from_run(context.run_config)
-    return _load(
+    return load_archive(
         str(node["data"]),
         str(node.get("name", "")),
         int(cfg["data"]["image_size"]),
@@ -64,7 +64,7 @@ def load_site(context: Context) -> Hospital:
 
 
 @functools.lru_cache(maxsize=2)
-def _load(data: str, name: str, image_size: int, holdout_fraction: float) -> Hospital:
+def load_archive(data: str, name: str, image_size: int, holdout_fraction: float) -> Hospital:
     """The hospital's images and its fixed holdout (the same at every start)."""
     path = Path(data)
     if path.is_dir():

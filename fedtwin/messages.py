@@ -11,7 +11,7 @@ import math
 from collections import OrderedDict
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 ARRAYS = "arrays"  # the generator's weights (FedAvg's default key)
 CONFIG = "config"  # server -> hospital: what this round asks for
@@ -47,6 +47,14 @@ def round_metrics(
             **losses,
         }
     )
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """The bytes a message's content takes on the wire: Flower sends it as these objects
+    (before HTTP framing and TLS)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 def pack_reply(weights: dict[str, np.ndarray], metrics: dict) -> bytes:

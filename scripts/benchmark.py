@@ -17,8 +17,12 @@
   (g) the diffusion generator (model=ddpm): DP and non-DP training samples/s, sampling
       images/s, and the demo's setting trained with it (TSTR, audit, wall time), at the
       largest size that finishes in 30 minutes on the CPU, or the default size on a GPU
+  (h) deployment: the same training run over real processes on 127.0.0.1 (SuperLink over
+      TLS, one SuperNode per hospital, `flwr run`), with and without SecAgg+: wall time per
+      round against the same local compute alone (overhead ratio), and the bytes sent per
+      round to and from each hospital
 
-Usage: python scripts/benchmark.py --out runs/benchmark.json [--quick] [--parts a,b,c,d,e,f,g]
+Usage: python scripts/benchmark.py --out runs/benchmark.json [--quick] [--parts a,b,c,d,e,f,g,h]
        [hydra overrides...]. Each part is written as soon as it ends; a failed part records
 its error and the others still run.
 """
@@ -435,10 +439,116 @@ class RssSampler:
         self._thread.join()
 
 
+def part_h(cfg: dict, out_dir: Path, overrides: list[str]) -> dict:
+    import json
+    import shutil
+
+    from fedtwin.data import resolve_data_path
+    from fedtwin.localnet import build
+
+    quick = bool(cfg.get("quick"))
+    names = ("hospital-0", "hospital-1", "hospital-2")
+    fed = cfg["federation"]
+    rounds, steps = (2 if quick else 3), int(fed["local_steps"])
+    source = resolve_data_path(cfg["data"].get("path"), cfg["data"]["name"])
+    per_hospital = 300 if quick else 1000
+    setting = [*overrides, f"federation.hospitals={len(names)}", "federation.min_hospitals=2",
+               f"federation.rounds={rounds}", f"federation.local_steps={steps}", "twin.size=200",
+               "twin.dicom=false", "audit.override=deployment-benchmark"]  # fmt: skip
+    result = {
+        "what": f"{len(names)} hospitals of {per_hospital} images (80 % train) on one machine, "
+        f"{rounds} rounds x {steps} DP steps; a round's wall time at the ServerApp vs the "
+        "hospitals' local compute alone (in this process, one after another); bytes are "
+        "the messages' content as Flower sends it, before HTTP framing and TLS",
+        "hospitals": len(names),
+        "rounds": rounds,
+        "local_steps": steps,
+    }
+    root = out_dir / "h_deployment"
+    shutil.rmtree(root, ignore_errors=True)
+    archives = {}
+    for mode, secure in (("secagg", True), ("plain", False)):
+        (root / mode).mkdir(parents=True)
+        c = build(root / mode, source, names, per_hospital)
+        archives = c.archives
+        try:
+            start = time.time()
+            run = c.run(root / mode / "out", " ".join(
+                [*setting, f"federation.secure_aggregation={str(secure).lower()}"]))  # fmt: skip
+            wall = time.time() - start
+        finally:
+            c.stop()
+        if run["status"] != "finished:completed":
+            raise RuntimeError(f"{mode} run {run['status']}: {run['logs'][-2000:]}")
+        history = json.loads((root / mode / "out" / "history.json").read_text())["rounds"]
+        result[mode] = deployment_rounds(history, wall)
+    alone = local_compute_alone(cfg, setting, archives, steps)
+    result["local_compute_alone_s"] = alone
+    serial, slowest = sum(alone.values()), max(alone.values())
+    result["local_compute_alone_serial_s"] = serial
+    for mode in ("secagg", "plain"):
+        r = result[mode]
+        r["overhead_vs_serial_compute"] = r["round_s_mean"] / serial
+        r["overhead_vs_slowest_hospital"] = r["round_s_mean"] / slowest
+    return result
+
+
+def deployment_rounds(history: list[dict], wall: float) -> dict:
+    """Per-round seconds, in-deployment compute and bytes per hospital from history.json."""
+    rows = []
+    for entry in history:
+        traffic = entry["traffic"]
+        down, up = traffic["to_node_bytes"].values(), traffic["from_node_bytes"].values()
+        rows.append({
+            "round": entry["round"],
+            "seconds": entry["seconds"],
+            "hospitals": len(entry["hospitals"]),
+            "train_s_max": max(m["train-seconds"] for m in entry["hospitals"].values()),
+            "bytes_to_hospital_mean": float(np.mean(list(down))),
+            "bytes_from_hospital_mean": float(np.mean(list(up))),
+        })  # fmt: skip
+    return {
+        "run_wall_time_s": wall,
+        "rounds": rows,
+        "round_s_mean": float(np.mean([r["seconds"] for r in rows])),
+        "bytes_per_round_per_hospital": float(
+            np.mean([r["bytes_to_hospital_mean"] + r["bytes_from_hospital_mean"] for r in rows])
+        ),
+    }
+
+
+def local_compute_alone(cfg: dict, setting: list[str], archives: dict, steps: int) -> dict:
+    """Each hospital's DP local round, run here on its archive without Flower."""
+    from fedtwin.client.deploy import load_archive
+    from fedtwin.server.server_app import initial_weights
+
+    from fedtwin.models import build_model
+    from fedtwin.privacy import plan_from_config
+    from fedtwin.training import local_round, set_weights
+
+    run_cfg = load_config(setting)
+    fed, size = run_cfg["federation"], int(run_cfg["data"]["image_size"])
+    times = {}
+    for name, archive in archives.items():
+        hospital = load_archive(str(archive), "", size, float(fed["holdout_fraction"]))
+        model = build_model(run_cfg["model"], len(run_cfg["data"]["classes"]), size)
+        set_weights(model, initial_weights(run_cfg))
+        plan = plan_from_config(
+            run_cfg["privacy"], n_train=len(hospital.train), batch_size=int(fed["batch_size"]),
+            total_steps=int(fed["rounds"]) * steps,
+        )  # fmt: skip
+        torch.set_num_threads(int(run_cfg.get("threads_per_hospital", 1)))
+        start = time.perf_counter()
+        local_round(model, hospital.train.images, hospital.train.labels, plan, steps=steps,
+                    batch_size=int(fed["batch_size"]), history=[], seed=0)  # fmt: skip
+        times[name] = time.perf_counter() - start
+    return times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
-    parser.add_argument("--parts", default="a,b,c,d,e,f,g", help="comma-separated subset of a-g")
+    parser.add_argument("--parts", default="a,b,c,d,e,f,g,h", help="comma-separated subset of a-h")
     parser.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every part")
     args = parser.parse_args()
@@ -468,6 +578,7 @@ def main() -> int:
         "e": ("e_audit", lambda: part_e(cfg)),
         "f": ("f_catalog", lambda: part_f(cfg)),
         "g": ("g_ddpm", lambda: part_g(out_dir, overrides, args.quick)),
+        "h": ("h_deployment", lambda: part_h(cfg, out_dir, overrides)),
     }
     for key in args.parts.split(","):
         name, run = parts[key.strip()]
@@ -536,6 +647,16 @@ def summary_lines(result: dict) -> str:
                 f"{t['device']}: DP {t['dp_samples_per_s']:.0f} vs no-DP "
                 f"{t['no_dp_samples_per_s']:.0f} samples/s, sampling "
                 f"{t['generation_images_per_s']:.1f} img/s ({t['model']['sample_steps']} steps)"
+            )
+    h = result.get("h_deployment", {})
+    for mode in ("secagg", "plain"):
+        if mode in h:
+            r = h[mode]
+            lines.append(
+                f"h: deployment ({mode}): {r['round_s_mean']:.1f} s per round = "
+                f"{r['overhead_vs_serial_compute']:.1f}x the hospitals' compute alone "
+                f"({h['local_compute_alone_serial_s']:.1f} s, one after another); "
+                f"{r['bytes_per_round_per_hospital'] / 1e6:.2f} MB per round per hospital"
             )
     for name, r in result.items():
         if isinstance(r, dict) and "error" in r:

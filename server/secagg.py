@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from fedtwin.client.secagg import CLIP, MAX_NORM, NAMES
-from fedtwin.server.strategy import hospital_metrics, record_round
+from fedtwin.server.strategy import RoundClock, hospital_metrics, record_round
+from fedtwin.server.traffic import MeteredGrid
 from flwr.app import Context
 from flwr.common import (
     FitIns,
@@ -49,7 +50,9 @@ class SecureFedAvg(FedAvg):
     """FedAvg for Flower's SecAgg+ workflow: every result it gets carries the already
     unmasked weighted average, with each hospital's own metrics (epsilon, losses)."""
 
-    def __init__(self, out: Path, names: list[str], train_config: dict, cfg: dict, **kwargs):
+    def __init__(
+        self, out: Path, names: list[str], train_config: dict, cfg: dict, meter=None, **kwargs
+    ):
         fed = cfg["federation"]
         super().__init__(
             fraction_fit=1.0,
@@ -69,6 +72,7 @@ class SecureFedAvg(FedAvg):
         }
         self.rounds: list[dict] = []
         self.offset = 0
+        self.clock = RoundClock(meter)
         self._sent: dict[str, np.ndarray] = {}
         self._sampled = 0
 
@@ -77,6 +81,7 @@ class SecureFedAvg(FedAvg):
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
         pairs = super().configure_fit(server_round, parameters, client_manager)
+        self.clock.start()
         # Later rounds go on with whoever is online (at least min_fit_clients).
         self.min_available_clients = self.min_fit_clients
         self._sent = dict(zip(self.names, parameters_to_ndarrays(parameters), strict=True))
@@ -95,6 +100,7 @@ class SecureFedAvg(FedAvg):
         entry["rejected"] = []
         dropped = self._sampled - len(results)
         entry["secure_aggregation"] = {"summed": len(results), "dropped": dropped}
+        entry.update(self.clock.stop())
         if not results:
             record_round(self.out, self.rounds, entry, None)
             return None, {}
@@ -161,7 +167,7 @@ def train_secure(
     secagg = fed["secagg"]
     names = list(weights)
     strategy = SecureFedAvg(
-        out, names, train_config, cfg,
+        out, names, train_config, cfg, meter=grid if isinstance(grid, MeteredGrid) else None,
         initial_parameters=ndarrays_to_parameters([weights[n] for n in names]),
     )  # fmt: skip
     strategy.resume(done, history)
@@ -183,6 +189,7 @@ def train_secure(
             current = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
             entry = {"round": current + done, "hospitals": {}, "refused": [], "rejected": []}
             entry["halted"] = "secure aggregation halted: too few hospitals answered"
+            entry.update(strategy.clock.stop())
             record_round(out, strategy.rounds, entry, None)
 
     DefaultWorkflow(fit_workflow=fit)(grid, legacy)

@@ -11,6 +11,7 @@ from pathlib import Path
 from fedtwin.server.publish import publish_twin
 from fedtwin.server.secagg import train_secure
 from fedtwin.server.strategy import TwinFedAvg, load_checkpoint
+from fedtwin.server.traffic import MeteredGrid
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -72,14 +73,15 @@ def train_and_publish(
         log(INFO, "resuming after round %d of %d from %s", done, int(fed["rounds"]), out)
         weights = saved
     train_config = {"local-steps": int(fed["local_steps"]), "federation": federation_id(cfg, out)}
+    metered = MeteredGrid(grid)  # each round's record keeps its bytes per hospital
     if done < int(fed["rounds"]):
         if fed["secure_aggregation"]:
             weights, history = train_secure(
-                grid, context, cfg, out, weights, done, history, train_config
+                metered, context, cfg, out, weights, done, history, train_config
             )
         else:
             weights, history = train_plain(
-                grid, cfg, out, weights, done, history, train_config, strategy_class
+                metered, cfg, out, weights, done, history, train_config, strategy_class
             )
     if not any(r["hospitals"] for r in history):
         refusals = [r for e in history for r in e["refused"]]
@@ -107,6 +109,7 @@ def train_plain(
         min_train_nodes=int(fed["min_hospitals"]),
         min_available_nodes=int(fed["hospitals"]),  # round 1 waits for all of them
         max_update_norm=float(fed["max_update_norm"]),
+        meter=grid if isinstance(grid, MeteredGrid) else None,
     )
     strategy.resume(done, history)
     result = strategy.start(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -43,9 +44,10 @@ class TwinFedAvg(FedAvg):
     """FedAvg that checks every update before averaging (``fedtwin.checks``), logs
     per-hospital metrics and checkpoints every round into ``out``."""
 
-    def __init__(self, out: Path, max_update_norm: float = float("inf"), **kwargs):
+    def __init__(self, out: Path, max_update_norm: float = float("inf"), meter=None, **kwargs):
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         super().__init__(**kwargs)
+        self.clock = RoundClock(meter)
         self.out = Path(out)
         self.max_update_norm = float(max_update_norm)
         self.rounds: list[dict] = []
@@ -61,6 +63,7 @@ class TwinFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent = messages.from_record(arrays)
+        self.clock.start()
         replies = super().configure_train(server_round + self.offset, arrays, config, grid)
         # Later rounds go on with whoever is online (at least min_train_nodes).
         self.min_available_nodes = self.min_train_nodes
@@ -91,8 +94,27 @@ class TwinFedAvg(FedAvg):
         entry["rejected"] = rejected
         if metrics is not None:
             entry["mean"] = {k: v for k, v in metrics.items() if k != "epsilon"}
+        entry.update(self.clock.stop())
         record_round(self.out, self.rounds, entry, arrays)
         return arrays, metrics
+
+
+class RoundClock:
+    """A round's wall time and, with a ``traffic.MeteredGrid``, its bytes per node."""
+
+    def __init__(self, meter=None):
+        self.meter, self.started = meter, time.monotonic()
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        if self.meter is not None:
+            self.meter.take()  # what came before this round is not its traffic
+
+    def stop(self) -> dict:
+        timing = {"seconds": time.monotonic() - self.started}
+        if self.meter is not None:
+            timing["traffic"] = self.meter.take()
+        return timing
 
 
 def hospital_metrics(metrics) -> dict:

@@ -1,213 +1,35 @@
-"""Deployment with real Flower processes on 127.0.0.1: a SuperLink over TLS with SuperNode
-authentication and a SQLite state database, one SuperNode per hospital reading its DICOM
-archive and keeping its privacy ledger, and `flwr run` of the app `fedtwin deploy app`
-writes, training with DP under SecAgg+. Every process is started on a free port, bounded
-in time and ended by its group."""
+"""Deployment with real Flower processes on 127.0.0.1 (``fedtwin.localnet``): a SuperLink
+over TLS with SuperNode authentication and a SQLite state database, one SuperNode per
+hospital reading its DICOM archive and keeping its privacy ledger, and `flwr run` of the
+app `fedtwin deploy app` writes, training with DP under SecAgg+. Every process is started
+on a free port, bounded in time and ended by its group."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import ssl
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
-import numpy as np
 import pytest
-from fedtwin.server.deploy import write_app
 
 from fedtwin import pki
-from fedtwin.dicom import make_hospital_archives
 from fedtwin.ledger import Ledger, digest
+from fedtwin.localnet import BIN, build, free_port, wait_for
 from fedtwin.signing import verify_twin
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 HOSPITALS = ("hospital-0", "hospital-1", "hospital-2")
-TINY = "+experiment=tiny federation.hospitals=3 federation.min_hospitals=1 twin.size=200 "
-TINY += "twin.dicom=false"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Consortium:
-    """The processes of one consortium; ``stop`` ends them all by process group."""
-
-    def __init__(self, root: Path):
-        self.root, self.procs, self.nodes = root, [], {}
-        self.port = free_port()
-        self.ca = root / "pki" / "ca.pem"
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-        }
-
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        home = self.root / "homes" / name
-        home.mkdir(parents=True, exist_ok=True)
-        log = open(self.root / f"{name}.log", "w")
-        proc = subprocess.Popen(
-            cmd, env={**self.env, "FLWR_HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=self.root,
-        )  # fmt: skip
-        self.procs.append(proc)
-        return proc
-
-    def start_superlink(self, name: str) -> subprocess.Popen:
-        keys = self.root / "pki"
-        link = self.start(name, [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.ca),
-            "--ssl-certfile", str(keys / "superlink.pem"),
-            "--ssl-keyfile", str(keys / "superlink.key"),
-            "--database", str(self.root / "state.db"), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-            "--port", str(self.port),
-        ])  # fmt: skip
-        wait_for("SuperLink health", lambda: healthy(self.port, self.ca), 120, link)
-        return link
-
-    def start_supernode(self, name: str, archive: Path, ledger: Path) -> subprocess.Popen:
-        config = f"data='{archive}' ledger='{ledger}' epsilon=10.0"
-        self.nodes[name] = self.start(name, [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(self.ca),
-            "--auth-supernode-private-key", str(self.root / "pki" / f"{name}.node"),
-            "--port", str(free_port()), "--node-config", config,
-        ])  # fmt: skip
-        return self.nodes[name]
-
-    def run(self, out: Path, overrides: str, timeout: float = 900) -> dict:
-        """``flwr run`` of the app for ``out``; waits for the run to finish."""
-        app = write_app(self.root / f"app-{out.name}", out, overrides).parent
-        started = self.flwr("run", str(app), "consortium", "--format", "json")
-        assert started.returncode == 0, started.stdout + started.stderr
-        return self.wait_run(str(json.loads(started.stdout)["run-id"]), timeout)
-
-    def wait_run(self, run_id: str, timeout: float) -> dict:
-        def finished():
-            out = self.flwr("ls", "consortium", "--run-id", run_id, "--format", "json")
-            try:
-                run = json.loads(out.stdout)["runs"][0]
-            except (json.JSONDecodeError, KeyError, IndexError):
-                return None  # the SuperLink may be restarting
-            return run if run["status"].startswith("finished") else None
-
-        run = wait_for(f"run {run_id}", finished, timeout)
-        run["logs"] = self.flwr("log", run_id, "consortium", "--show").stdout
-        return run
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        env = {**self.env, "FLWR_HOME": str(self.root / "homes" / "operator")}
-        return subprocess.run(
-            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout
-        )
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text()
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
-        time.sleep(0.5)
-    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-
-
-def healthy(port: int, ca: Path) -> bool:
-    context = ssl.create_default_context(cafile=str(ca))
-    try:
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def nodes(c: Consortium) -> list[dict]:
-    out = c.flwr("supernode", "list", "consortium", "--format", "json")
-    try:
-        return json.loads(out.stdout).get("nodes", [])
-    except json.JSONDecodeError:
-        return []
-
-
-def build(root: Path, data_path: Path, names: tuple[str, ...], spent: tuple[str, ...] = ()):
-    """A consortium in ``root``: PKI, one DICOM archive per hospital (300 real images
-    each), a running SuperLink, the hospitals' keys registered and their SuperNodes online.
-    The hospitals in ``spent`` have used their whole budget in an earlier federation."""
-    d = np.load(data_path)
-    n = 300 * len(names)
-    np.savez(root / "source.npz", train_images=d["train_images"][:n],
-             train_labels=d["train_labels"][:n])  # fmt: skip
-    archives = make_hospital_archives(
-        root / "source.npz", len(names), "iid", 0.5, 0.2, 0, root / "archives", progress=False
-    )
-    keys = root / "pki"
-    pki.init_ca(keys)
-    pki.issue_server(keys, "superlink", ["127.0.0.1", "localhost"])
-    for name in (*names, "stranger"):
-        pki.make_node_keys(keys, name)
-    for name in spent:
-        Ledger(root / name / "ledger.sqlite", delta=1e-5).commit(
-            "train", digest("an earlier federation"), (0.5, 1.0, 100), b""
-        )
-    c = Consortium(root)
-    c.archives = dict(zip(names, archives, strict=True))
-    try:
-        c.start_superlink("superlink")
-        operator = root / "homes" / "operator"
-        operator.mkdir(parents=True, exist_ok=True)
-        (operator / "config.toml").write_text(
-            f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\n'
-            f'address = "127.0.0.1:{c.port}"\nroot-certificates = "{c.ca}"\n'
-        )
-        for name in names:  # the operator registers the hospitals' public keys
-            out = c.flwr("supernode", "register", str(keys / f"{name}.node.pub"), "consortium")
-            assert out.returncode == 0, out.stdout + out.stderr
-        for name in names:
-            c.start_supernode(name, c.archives[name], root / name / "ledger.sqlite")
-        wait_for(f"{len(names)} SuperNodes online", lambda: online(c) == len(names), 180)
-    except BaseException:
-        c.stop()
-        raise
-    return c
-
-
-def online(c: Consortium) -> int:
-    return sum(n.get("status") == "online" for n in nodes(c))
+TINY = "+experiment=tiny twin.size=200 twin.dicom=false"
 
 
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory, data_path):
-    c = build(tmp_path_factory.mktemp("consortium"), data_path, HOSPITALS, spent=("hospital-2",))
+    root = tmp_path_factory.mktemp("consortium")
+    # hospital-2 has spent its whole budget in an earlier federation
+    Ledger(root / "hospital-2" / "ledger.sqlite", delta=1e-5).commit(
+        "train", digest("an earlier federation"), (0.5, 1.0, 100), b""
+    )
+    c = build(root, data_path, HOSPITALS)
     try:
         yield c
     finally:
@@ -216,6 +38,7 @@ def consortium(tmp_path_factory, data_path):
 
 def test_a_supernode_whose_key_is_not_registered_is_refused(consortium):
     c = consortium
+    pki.make_node_keys(c.keys, "stranger")
     stranger = c.start("stranger", [
         str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{c.port}",
         "--root-certificates", str(c.ca),
@@ -227,8 +50,7 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(consortium):
         stranger.wait(90)
     except subprocess.TimeoutExpired:
         pass
-    online = [n for n in nodes(c) if n.get("status") == "online"]
-    assert len(online) == 3, online  # the stranger never joined
+    assert c.online() == 3, c.node_list()  # the stranger never joined
     assert stranger.poll() is not None and stranger.returncode != 0, c.log("stranger")[-2000:]
     assert "Failed to activate SuperNode" in c.log("stranger")  # the SuperLink said no
 
@@ -236,7 +58,8 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(consortium):
 def test_three_hospitals_over_tls_train_and_publish_a_twin(consortium):
     c = consortium
     out = c.root / "out"
-    run = c.run(out, TINY + " audit.override=integration-test-of-an-untrained-generator")
+    overrides = TINY + " federation.hospitals=3 federation.min_hospitals=1"
+    run = c.run(out, overrides + " audit.override=integration-test-of-an-untrained-generator")
     assert run["status"] == "finished:completed", run["logs"][-4000:]
 
     history = json.loads((out / "history.json").read_text())["rounds"]
@@ -276,15 +99,11 @@ def test_a_hospital_node_killed_mid_round_does_not_stop_the_run(tmp_path, data_p
     rounds it finished."""
     names = ("hospital-0", "hospital-1", "hospital-2", "hospital-3")
     c = build(tmp_path, data_path, names)
+    out = tmp_path / "out"
     try:
-        out = tmp_path / "out"
-        overrides = TINY.replace("federation.hospitals=3 federation.min_hospitals=1", "")
-        overrides += " federation.hospitals=4 federation.min_hospitals=4 federation.rounds=3"
-        overrides += " federation.local_steps=20 audit.override=node-failure-test"
-        app = write_app(tmp_path / "app", out, overrides).parent
-        started = c.flwr("run", str(app), "consortium", "--format", "json")
-        assert started.returncode == 0, started.stdout + started.stderr
-        run_id = str(json.loads(started.stdout)["run-id"])
+        run_id = c.start_run(out, TINY + " federation.hospitals=4 federation.min_hospitals=4 "
+                             "federation.rounds=3 federation.local_steps=20 "
+                             "audit.override=node-failure-test")  # fmt: skip
 
         def rounds_done() -> int:
             try:
@@ -293,12 +112,9 @@ def test_a_hospital_node_killed_mid_round_does_not_stop_the_run(tmp_path, data_p
                 return 0
 
         wait_for("round 1", lambda: rounds_done() >= 1, 300)
-        victim = c.nodes["hospital-3"]
-        os.killpg(victim.pid, signal.SIGKILL)  # the node and its ClientApp, mid-round 2
-        victim.wait()
+        c.kill(c.nodes["hospital-3"])  # the node and its ClientApp, as round 2 begins
         wait_for("round 2 without hospital-3", lambda: rounds_done() >= 2, 300)
-        ledger = c.root / "hospital-3" / "ledger.sqlite"
-        c.start_supernode("hospital-3", c.archives["hospital-3"], ledger)  # it comes back
+        c.start_supernode("hospital-3")  # it comes back, same key, same ledger
         run = c.wait_run(run_id, 600)
         assert run["status"] == "finished:completed", run["logs"][-4000:]
     finally:
@@ -309,9 +125,59 @@ def test_a_hospital_node_killed_mid_round_does_not_stop_the_run(tmp_path, data_p
     assert trained == [list(names), list(names[:3]), list(names)], trained
     assert history[1]["secure_aggregation"] == {"summed": 3, "dropped": 1}
     assert history[1]["refused"], history[1]  # the SuperLink's "node unavailable"
-    rounds = [e.round for e in Ledger(ledger, delta=1e-5).entries() if e.kind == "train"]
+    ledger = Ledger(tmp_path / "hospital-3" / "ledger.sqlite", delta=1e-5)
+    rounds = [e.round for e in ledger.entries() if e.kind == "train"]
     assert rounds == [1, 3]  # what it finished; round 2 was never paid for
     for name in names[:3]:
-        rows = Ledger(c.root / name / "ledger.sqlite", delta=1e-5).entries()
+        rows = Ledger(tmp_path / name / "ledger.sqlite", delta=1e-5).entries()
         assert [e.round for e in rows if e.kind == "train"] == [1, 2, 3]
+    assert (out / "twin" / "manifest.json").is_file()
+
+
+def test_the_operator_crashes_and_training_resumes_from_the_last_completed_round(
+    tmp_path, data_path
+):
+    """The SuperLink and its ServerApp are SIGKILLed in round 2, after the hospitals have
+    trained and committed it to their ledgers but before the sum is applied. Restarted on
+    the same state database, the operator stops the dead run and starts the same app
+    again: it resumes after round 1, the hospitals answer round 2 from their ledgers, and
+    every ledger ends as a run without the crash leaves it: one entry per round."""
+    names = ("hospital-0", "hospital-1", "hospital-2")
+    c = build(tmp_path, data_path, names)
+    out = tmp_path / "out"
+    overrides = TINY + " federation.hospitals=3 federation.min_hospitals=3 federation.rounds=3"
+    overrides += " audit.override=operator-crash-test"
+
+    def trained(name: str) -> list[int]:
+        try:
+            rows = Ledger(tmp_path / name / "ledger.sqlite", delta=1e-5).entries()
+        except Exception:  # not there yet
+            return []
+        return [e.round for e in rows if e.kind == "train"]
+
+    try:
+        first = c.start_run(out, overrides)
+        wait_for("round 2 committed at every hospital",
+                 lambda: all(trained(n) == [1, 2] for n in names), 400)  # fmt: skip
+        c.kill(c.link)  # the operator's machine goes down
+        history = json.loads((out / "history.json").read_text())["rounds"]
+        assert [e["round"] for e in history] == [1]  # round 2 was not applied
+
+        c.start_superlink()  # restarted on the same state database and port
+        wait_for("3 SuperNodes back online", lambda: c.online() == 3, 180)
+        c.flwr("stop", first, "consortium")  # the dead run (or it times out on its own)
+        run = c.wait_run(c.start_run(out, overrides), 600)
+        assert run["status"] == "finished:completed", run["logs"][-4000:]
+    finally:
+        c.stop()
+
+    assert "resuming after round 1 of 3" in run["logs"]
+    history = json.loads((out / "history.json").read_text())["rounds"]
+    assert [e["round"] for e in history] == [1, 2, 3]
+    assert all(sorted(e["hospitals"]) == list(names) for e in history)
+    for name in names:
+        ledger = Ledger(tmp_path / name / "ledger.sqlite", delta=1e-5)
+        assert trained(name) == [1, 2, 3]  # round 2 answered again from the ledger, unpaid
+        assert [e.kind for e in ledger.entries()] == ["labels", "train", "train", "train"]
+        assert ledger.epsilon() == pytest.approx(history[-1]["hospitals"][name]["epsilon"])
     assert (out / "twin" / "manifest.json").is_file()
