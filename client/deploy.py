@@ -23,13 +23,15 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtwin.client.client_app import ledger_from_node_config, make_client_app
 from flwr.app import Context
 
 from fedtwin.config import config_from_run
-from fedtwin.data import Hospital, load_npz, split_hospital
-from fedtwin.dicom import ingest
+
+if TYPE_CHECKING:
+    from fedtwin.data import Hospital
 
 REQUIRED = ("data", "ledger", "epsilon")
 
@@ -66,6 +68,9 @@ def load_site(context: Context) -> Hospital:
 @functools.lru_cache(maxsize=2)
 def load_archive(data: str, name: str, image_size: int, holdout_fraction: float) -> Hospital:
     """The hospital's images and its fixed holdout (the same at every start)."""
+    from fedtwin.data import load_npz, split_hospital  # imported by the messages that need
+    from fedtwin.dicom import ingest  # the images, not by SecAgg+'s key messages
+
     path = Path(data)
     if path.is_dir():
         result = ingest(path, image_size)

@@ -1,0 +1,192 @@
+"""What a hospital does for each request of a run, Flower's records in and out (the
+ClientApp, ``fedtwin.client.client_app``, hands each message here):
+
+- ``train``: run the hospital's DP local round (``fedtwin.training.local_round``) within
+  the budget of its privacy ledger (``fedtwin.ledger``: SQLite on the hospital's disk,
+  which outlives the ClientApp, the node and the run), commit the privacy spent and the
+  reply to the ledger, then send back weights, example count and epsilon. A request
+  answered before is answered again from the ledger at no privacy cost; one that would
+  pass the budget is refused.
+- ``audit``: run the privacy audit (``fedtwin.audit.site_audit``) and the utility scoring
+  (``fedtwin.utility.site_utility``) of a candidate twin on the hospital's own images,
+  and send back aggregates only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedtwin import messages
+from fedtwin.audit import site_audit
+from fedtwin.data import Hospital
+from fedtwin.ledger import Ledger, digest
+from fedtwin.metrics import Classifier, features
+from fedtwin.models import build_model
+from fedtwin.privacy import BudgetExceeded, PrivacyPlan, noisy_class_shares, plan_from_config
+from fedtwin.training import local_round, set_weights
+from fedtwin.utility import site_utility
+
+OPTIMIZER_STATE = "optimizer-state"  # Adam moments, local only: the next round resumes them
+
+
+def round_seed(seed: int, hospital: str, server_round: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{hospital}:{server_round}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _optimizer_state(context: Context) -> bytes:
+    record = context.state.get(OPTIMIZER_STATE)
+    return bytes(record["state"]) if record is not None else b""
+
+
+def train(msg: Message, context: Context, cfg: dict, hospital: Hospital, ledger_path: Path):
+    """Answer a training request within the ledger's budget; refuse (BudgetExceeded, also
+    on the ledger's record) if it would pass it."""
+    torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
+    pcfg, server = cfg["privacy"], msg.content[messages.CONFIG]
+    steps = int(server["local-steps"])
+    ledger = Ledger(ledger_path, float(pcfg["delta"]), pcfg["accountant"])
+    request = digest(
+        hospital.name,
+        str(server["server-round"]),
+        str(steps),
+        *(a.tobytes() for a in messages.from_record(msg.content[messages.ARRAYS]).values()),
+    )
+    try:
+        return _train_round(msg, context, cfg, hospital, ledger, request, steps)
+    except BudgetExceeded as e:  # refused: on the hospital's record, and sent back
+        reason = f"{hospital.name}: {e}"
+        ledger.refuse(reason, run=str(context.run_id), round=int(server["server-round"]))
+        raise BudgetExceeded(reason) from None  # the round goes on without us
+
+
+def audit(msg: Message, cfg: dict, hospital: Hospital) -> Message:
+    """The audit's and the utility scoring's aggregates over the hospital's own images."""
+    torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
+    twin = msg.content[messages.TWIN]["images"].numpy()
+    classifier = Classifier(len(cfg["data"]["classes"]))
+    set_weights(classifier, messages.from_record(msg.content[messages.CLASSIFIER]))
+    classifier.eval()
+    site = site_audit(
+        twin,
+        hospital.train.images,
+        hospital.holdout.images,
+        dict(msg.content[messages.AUDIT]),  # the server's parameters: shared bins
+        embed=lambda images: features(classifier, images),
+        seed=round_seed(int(cfg["seed"]), hospital.name, 0),
+    )
+    utility = site_utility(classifier, hospital.holdout.images, hospital.holdout.labels)
+    content = RecordDict(
+        {
+            messages.AUDIT: MetricRecord(messages.flatten(site)),
+            messages.UTILITY: MetricRecord(messages.flatten(utility)),
+            messages.HOSPITAL: ConfigRecord({"name": hospital.name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _train_round(
+    msg: Message,
+    context: Context,
+    cfg: dict,
+    hospital: Hospital,
+    ledger: Ledger,
+    request: str,
+    steps: int,
+) -> Message:
+    """Answer one training request within the ledger's budget (BudgetExceeded if not)."""
+    answered = ledger.answered("train", request)
+    if answered:  # a retried request: the same reply again costs no privacy
+        weights, metrics = messages.unpack_reply(answered)
+        return _train_reply(msg, hospital, weights, metrics)
+    server_round = int(msg.content[messages.CONFIG]["server-round"])
+    if answered is not None:  # answered long ago, reply no longer kept: do not pay twice
+        raise BudgetExceeded(f"round {server_round} was answered before; not again")
+
+    fed, batch = cfg["federation"], int(cfg["federation"]["batch_size"])
+    federation = str(msg.content[messages.CONFIG].get("federation", ""))
+    plan = plan_from_config(
+        cfg["privacy"],
+        n_train=len(hospital.train),
+        batch_size=batch,
+        # The hospital plans for the rounds it agreed to; the server cannot stretch it.
+        # Noise is calibrated for what the ledger had left when this federation first asked.
+        total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
+        prior=ledger.prior(federation) if federation else (),
+    )
+    n_classes = len(cfg["data"]["classes"])
+    shares = _label_shares(ledger, hospital, n_classes, plan, str(context.run_id))
+    model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])
+    model.label_prior = torch.as_tensor(shares, dtype=torch.float32)
+    set_weights(model, messages.from_record(msg.content[messages.ARRAYS]))
+    started = time.perf_counter()
+    result = local_round(
+        model,
+        hospital.train.images,
+        hospital.train.labels,
+        plan,
+        steps=steps,
+        batch_size=batch,
+        history=ledger.history(),
+        seed=round_seed(int(cfg["seed"]), hospital.name, server_round),
+        device=str(cfg.get("device_resolved", "cpu")),
+        optimizer_state=_optimizer_state(context),
+    )
+    release = (plan.noise_multiplier, plan.sample_rate, result.steps)
+    epsilon = ledger.epsilon([*ledger.history(), release])  # inf when DP is off
+    metrics = dict(
+        messages.round_metrics(result.num_examples, epsilon, result.steps, result.losses, shares)
+    )
+    metrics["train-seconds"] = time.perf_counter() - started  # the local compute alone
+    # The privacy spent and the reply are on the hospital's disk before the weights leave.
+    ledger.commit(
+        "train",
+        request,
+        release,
+        messages.pack_reply(result.weights, metrics),
+        run=str(context.run_id),
+        round=server_round,
+    )
+    ledger.forget_old_replies()
+    context.state[OPTIMIZER_STATE] = ConfigRecord({"state": result.optimizer_state})
+    return _train_reply(msg, hospital, result.weights, metrics)
+
+
+def _train_reply(msg: Message, hospital: Hospital, weights: dict, metrics: dict) -> Message:
+    content = RecordDict(
+        {
+            messages.ARRAYS: messages.to_record(weights),
+            messages.METRICS: MetricRecord(metrics),
+            messages.HOSPITAL: ConfigRecord({"name": hospital.name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _label_shares(
+    ledger: Ledger, hospital: Hospital, n_classes: int, plan: PrivacyPlan, run: str
+) -> np.ndarray:
+    """The hospital's noisy class shares: released once for its data (recorded in the
+    ledger before anything derived from them leaves), the same ones ever after."""
+    labels = np.asarray(hospital.train.labels, dtype=np.int64)
+    request = digest("labels", labels.tobytes(), str(n_classes), str(plan.label_noise))
+    answered = ledger.answered("labels", request)
+    if answered:
+        return np.asarray(json.loads(answered), dtype=np.float64)
+    shares = noisy_class_shares(labels, n_classes, plan)
+    if plan.enabled:
+        release = plan.label_release()
+        if ledger.epsilon([*ledger.history(), release]) > plan.target_epsilon + 1e-9:
+            raise BudgetExceeded("the class-count release would pass the budget")
+    else:
+        release = (0.0, 1.0, 1)  # exact counts: no guarantee, recorded as such
+    ledger.commit("labels", request, release, json.dumps(shares.tolist()).encode(), run=run)
+    return shares
