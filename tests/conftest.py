@@ -22,3 +22,50 @@ def small_real(data_path) -> tuple[np.ndarray, np.ndarray]:
     """The first 300 real training images ``(300, 28, 28)`` uint8 and labels ``(300,)``."""
     d = np.load(data_path)
     return d["train_images"][:300].copy(), d["train_labels"][:300, 0].astype(np.int64)
+
+
+@pytest.fixture
+def federate():
+    """``federate(cfg, hospitals, out, server_app=None, **client_kwargs)``: a federation of
+    ``hospitals`` on Flower's Simulation Engine, each hospital's ledger in
+    ``out/ledgers/<name>.sqlite``; returns the rounds of ``out/history.json``."""
+    import json
+
+    from fedtwin.client.client_app import make_client_app
+    from fedtwin.server.server_app import make_server_app
+    from flwr.simulation import run_simulation
+
+    def run(cfg, hospitals, out: Path, server_app=None, **client_kwargs) -> list[dict]:
+        run_simulation(
+            server_app=server_app or make_server_app(cfg, out),
+            client_app=make_client_app(
+                cfg,
+                lambda ctx: hospitals[int(ctx.node_config["partition-id"])],
+                lambda ctx, h: out / "ledgers" / f"{h.name}.sqlite",
+                **client_kwargs,
+            ),
+            num_supernodes=len(hospitals),
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": 2, "include_dashboard": False}},
+        )  # fmt: skip
+        history = out / "history.json"
+        return json.loads(history.read_text())["rounds"] if history.exists() else []
+
+    return run
+
+
+@pytest.fixture
+def sent_update():
+    """``sent_update(out, name)``: what hospital ``name`` recorded sending in its one
+    training round (its ledger's committed reply, as ``federate`` keeps the ledgers), and
+    its example count."""
+    from fedtwin import messages
+    from fedtwin.ledger import Ledger
+
+    def read(out: Path, name: str) -> tuple[dict, int]:
+        ledger = Ledger(out / "ledgers" / f"{name}.sqlite", delta=1e-5)
+        (entry,) = [e for e in ledger.entries() if e.kind == "train"]
+        weights, metrics = messages.unpack_reply(ledger.answered("train", entry.request))
+        return weights, int(metrics["num-examples"])
+
+    return read

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from fedtwin.client.client_app import make_client_app
 from fedtwin.server.server_app import make_server_app
 from fedtwin.server.strategy import TwinFedAvg
-from flwr.simulation import run_simulation
 
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
@@ -28,27 +26,13 @@ class CrashInRound3(TwinFedAvg):
         return super().aggregate_train(server_round, replies)
 
 
-def federate(cfg, hospitals, out, strategy_class=TwinFedAvg):
-    run_simulation(
-        server_app=make_server_app(cfg, out, strategy_class),
-        client_app=make_client_app(
-            cfg,
-            lambda ctx: hospitals[int(ctx.node_config["partition-id"])],
-            lambda ctx, h: out / "ledgers" / f"{h.name}.sqlite",
-        ),
-        num_supernodes=len(hospitals),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
-    )  # fmt: skip
-
-
 def accounting(out, name):
     ledger = Ledger(out / "ledgers" / f"{name}.sqlite", delta=1e-5)
     rows = [(e.kind, e.round, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries()]
     return rows, ledger.epsilon()
 
 
-def test_restart_resumes_and_no_ledger_entry_counts_twice(small_real, tmp_path):
+def test_restart_resumes_and_no_ledger_entry_counts_twice(small_real, tmp_path, federate):
     images, labels = small_real
     hospitals = make_hospitals(Split(images, labels), 2, "iid", 0.5, 0.2, seed=0)
     cfg = load_config(
@@ -59,7 +43,7 @@ def test_restart_resumes_and_no_ledger_entry_counts_twice(small_real, tmp_path):
 
     crashed = tmp_path / "crashed"
     try:
-        federate(cfg, hospitals, crashed, CrashInRound3)
+        federate(cfg, hospitals, crashed, make_server_app(cfg, crashed, CrashInRound3))
     except (SystemExit, Exception):
         pass  # however the engine reports the dead ServerApp
     assert sorted(p.name for p in (crashed / "checkpoints").glob("*.pt")) == [

@@ -6,22 +6,17 @@ survives hospitals that leave before sharing keys and hospitals that refuse to s
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from fedtwin.client.client_app import make_client_app
 from fedtwin.server.server_app import train_and_publish
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 
 from fedtwin import messages
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
-from fedtwin.ledger import Ledger
 
 pytestmark = pytest.mark.slow
 
@@ -41,36 +36,6 @@ class RecordingGrid:
         return getattr(self.grid, name)
 
 
-def federate(hospitals, cfg, out, server_app=None, **client_kwargs):
-    def main(grid, context):
-        train_and_publish(grid, context, cfg, out)
-
-    if server_app is None:
-        server_app = ServerApp()
-        server_app.main()(main)
-    run_simulation(
-        server_app=server_app,
-        client_app=make_client_app(
-            cfg,
-            lambda ctx: hospitals[int(ctx.node_config["partition-id"])],
-            lambda ctx, h: out / "ledgers" / f"{h.name}.sqlite",
-            **client_kwargs,
-        ),
-        num_supernodes=len(hospitals),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
-    )  # fmt: skip
-    return json.loads((out / "history.json").read_text())["rounds"]
-
-
-def sent(out, name):
-    """The update a hospital's ledger recorded sending (round 1), and its example count."""
-    ledger = Ledger(out / "ledgers" / f"{name}.sqlite", delta=1e-5)
-    (e,) = [e for e in ledger.entries() if e.kind == "train"]
-    weights, metrics = messages.unpack_reply(ledger.answered("train", e.request))
-    return weights, metrics["num-examples"]
-
-
 def tiny(hospitals: int, *more: str) -> dict:
     return load_config(
         ["+experiment=tiny", f"federation.hospitals={hospitals}", "federation.rounds=1",
@@ -78,7 +43,7 @@ def tiny(hospitals: int, *more: str) -> dict:
     )  # fmt: skip
 
 
-def test_the_server_only_ever_holds_the_sum(small_real, tmp_path):
+def test_the_server_only_ever_holds_the_sum(small_real, tmp_path, federate, sent_update):
     images, labels = small_real
     hospitals = make_hospitals(Split(images, labels), 3, "dirichlet", 1.0, 0.2, seed=0)
     cfg = tiny(3)
@@ -91,13 +56,13 @@ def test_the_server_only_ever_holds_the_sum(small_real, tmp_path):
         grids.append(RecordingGrid(grid))
         train_and_publish(grids[0], context, cfg, tmp_path)
 
-    (entry,) = federate(hospitals, cfg, tmp_path, server)
+    (entry,) = federate(cfg, hospitals, tmp_path, server)
     assert entry["secure_aggregation"] == {"summed": 3, "dropped": 0}
     names = list(entry["hospitals"])
     assert len(names) == 3
 
     # What each hospital really sent into the protocol: its ledger's committed reply.
-    updates = {name: sent(tmp_path, name) for name in names}
+    updates = {name: sent_update(tmp_path, name) for name in names}
     counts = {name: n for name, (_, n) in updates.items()}
 
     train_replies = [m for m in grids[0].replies if m.metadata.message_type == "train"]
@@ -161,16 +126,18 @@ def refuses(msg, context, call_next):
     return reply
 
 
-def test_a_round_survives_hospitals_leaving_before_and_after_sharing_keys(small_real, tmp_path):
+def test_a_round_survives_hospitals_leaving_before_and_after_sharing_keys(
+    small_real, tmp_path, federate, sent_update
+):
     images, labels = small_real
     hospitals = make_hospitals(Split(images, labels), 4, "iid", 0.5, 0.2, seed=0)
-    (entry,) = federate(hospitals, tiny(4), tmp_path, mods=[refuses], outer_mods=[leaves_at_setup])
+    (entry,) = federate(tiny(4), hospitals, tmp_path, mods=[refuses], outer_mods=[leaves_at_setup])
     assert sorted(entry["hospitals"]) == ["hospital-0", "hospital-1"]
     assert entry["secure_aggregation"] == {"summed": 2, "dropped": 2}
     reasons = " | ".join(r["reason"] for r in entry["refused"])
     assert "hospital-3 went offline" in reasons and "hospital-2: own update failed" in reasons
     saved = torch.load(tmp_path / "checkpoints" / "round-001.pt")["weights"]
-    (w0, n0), (w1, n1) = sent(tmp_path, "hospital-0"), sent(tmp_path, "hospital-1")
+    (w0, n0), (w1, n1) = sent_update(tmp_path, "hospital-0"), sent_update(tmp_path, "hospital-1")
     for key in w0:
         expected = (w0[key].astype(np.float64) * n0 + w1[key] * n1) / (n0 + n1)
         np.testing.assert_allclose(saved[key].numpy(), expected, atol=1e-3)

@@ -6,20 +6,15 @@ refuses to send them, and the round sums the others."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from fedtwin.client.client_app import make_client_app
-from fedtwin.server.server_app import initial_weights, make_server_app
-from flwr.simulation import run_simulation
+from fedtwin.server.server_app import initial_weights
 
 from fedtwin import messages
 from fedtwin.checks import update_problem
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
-from fedtwin.ledger import Ledger
 
 
 def test_update_problems_are_named():
@@ -50,41 +45,21 @@ def faulty(msg, context, call_next):
     return reply
 
 
-def federate(hospitals, tmp_path, *overrides):
-    cfg = load_config(
+def tiny(hospitals, *more):
+    return load_config(
         ["+experiment=tiny", f"federation.hospitals={len(hospitals)}", "federation.rounds=1",
-         "twin.size=40", "twin.dicom=false", "audit.override=update-check-test", *overrides]
+         "twin.size=40", "twin.dicom=false", "audit.override=update-check-test", *more]
     )  # fmt: skip
-    client = make_client_app(
-        cfg,
-        lambda ctx: hospitals[int(ctx.node_config["partition-id"])],
-        lambda ctx, h: tmp_path / "ledgers" / f"{h.name}.sqlite",
-        mods=[faulty],
-    )
-    run_simulation(
-        server_app=make_server_app(cfg, tmp_path),
-        client_app=client,
-        num_supernodes=len(hospitals),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
-    )  # fmt: skip
-    (entry,) = json.loads((tmp_path / "history.json").read_text())["rounds"]
-    return cfg, entry
-
-
-def sent_update(tmp_path, name):
-    """The update a hospital's ledger recorded sending, and its example count."""
-    ledger = Ledger(tmp_path / "ledgers" / f"{name}.sqlite", delta=1e-5)
-    (sent,) = [e for e in ledger.entries() if e.kind == "train"]
-    weights, metrics = messages.unpack_reply(ledger.answered("train", sent.request))
-    return weights, metrics["num-examples"]
 
 
 @pytest.mark.slow
-def test_nan_and_wrong_shape_updates_are_rejected_and_the_round_goes_on(small_real, tmp_path):
+def test_nan_and_wrong_shape_updates_are_rejected_and_the_round_goes_on(
+    small_real, tmp_path, federate, sent_update
+):
     images, labels = small_real
     hospitals = make_hospitals(Split(images, labels), 3, "iid", 0.5, 0.2, seed=0)
-    cfg, entry = federate(hospitals, tmp_path, "federation.secure_aggregation=false")
+    cfg = tiny(hospitals, "federation.secure_aggregation=false")
+    (entry,) = federate(cfg, hospitals, tmp_path, mods=[faulty])
     assert list(entry["hospitals"]) == ["hospital-0"]
     reasons = {r["hospital"]: r["reason"] for r in entry["rejected"]}
     assert "not finite" in reasons["hospital-1"] and "shape" in reasons["hospital-2"]
@@ -99,10 +74,13 @@ def test_nan_and_wrong_shape_updates_are_rejected_and_the_round_goes_on(small_re
 
 
 @pytest.mark.slow
-def test_under_secure_aggregation_each_hospital_refuses_its_own_bad_update(small_real, tmp_path):
+def test_under_secure_aggregation_each_hospital_refuses_its_own_bad_update(
+    small_real, tmp_path, federate, sent_update
+):
     images, labels = small_real
     hospitals = make_hospitals(Split(images, labels), 4, "iid", 0.5, 0.2, seed=0)
-    cfg, entry = federate(hospitals, tmp_path)
+    cfg = tiny(hospitals)
+    (entry,) = federate(cfg, hospitals, tmp_path, mods=[faulty])
     assert cfg["federation"]["secure_aggregation"]
     assert sorted(entry["hospitals"]) == ["hospital-0", "hospital-3"]
     assert entry["secure_aggregation"] == {"summed": 2, "dropped": 2}
