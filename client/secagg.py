@@ -16,12 +16,15 @@ goes on without this hospital as if it had dropped out.
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
@@ -41,6 +44,10 @@ def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
         or RECORD_KEY_CONFIGS not in msg.content.config_records
     ):
         return call_next(msg, context)
+    # secaggplus_mod logs every protocol step at DEBUG, and Ray's simulation workers hand
+    # flwr's records on to a root handler that prints them all; FLWR_LOG_LEVEL=DEBUG keeps them
+    if "FLWR_LOG_LEVEL" not in os.environ and FLOWER_LOGGER.level < logging.INFO:
+        FLOWER_LOGGER.setLevel(logging.INFO)
     return secaggplus_mod(msg, context, lambda m, c: legacy_fit(m, c, call_next))
 
 
