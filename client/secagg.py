@@ -71,7 +71,7 @@ def legacy_fit(msg: Message, context: Context, call_next) -> Message:
     problem = update_problem(weights, sent, max_norm) or _clip_problem(weights, clip)
     if problem:
         raise ValueError(f"{name}: own update failed its check and was not sent: {problem}")
-    metrics = {k: v for k, v in content[messages.METRICS].items()}
+    metrics = dict(content[messages.METRICS])
     fitres = FitRes(
         status=Status(Code.OK, "OK"),
         parameters=ndarrays_to_parameters([weights[n] for n in names]),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from fedtwin.client.secagg import CLIP, MAX_NORM, NAMES
-from fedtwin.server.strategy import RoundClock, hospital_metrics, record_round
+from fedtwin.server.strategy import RoundBook, hospital_metrics
 from fedtwin.server.traffic import MeteredGrid
 from flwr.app import Context
 from flwr.common import (
@@ -46,7 +46,7 @@ from fedtwin import messages
 from fedtwin.checks import update_problem
 
 
-class SecureFedAvg(FedAvg):
+class SecureFedAvg(RoundBook, FedAvg):
     """FedAvg for Flower's SecAgg+ workflow: every result it gets carries the already
     unmasked weighted average, with each hospital's own metrics (epsilon, losses)."""
 
@@ -62,7 +62,8 @@ class SecureFedAvg(FedAvg):
             accept_failures=True,
             **kwargs,
         )
-        self.out, self.names = Path(out), list(names)
+        self.open_book(out, meter)
+        self.names = list(names)
         self.max_update_norm = float(fed["max_update_norm"])
         self.config = {
             **train_config,
@@ -70,18 +71,12 @@ class SecureFedAvg(FedAvg):
             MAX_NORM: self.max_update_norm,
             CLIP: float(fed["secagg"]["clipping_range"]),
         }
-        self.rounds: list[dict] = []
-        self.offset = 0
-        self.clock = RoundClock(meter)
         self._sent: dict[str, np.ndarray] = {}
         self._sampled = 0
 
-    def resume(self, completed: int, rounds: list[dict]) -> None:
-        self.offset, self.rounds = completed, list(rounds)
-
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
         pairs = super().configure_fit(server_round, parameters, client_manager)
-        self.clock.start()
+        self.start_round()
         # Later rounds go on with whoever is online (at least min_fit_clients).
         self.min_available_clients = self.min_fit_clients
         self._sent = dict(zip(self.names, parameters_to_ndarrays(parameters), strict=True))
@@ -100,9 +95,8 @@ class SecureFedAvg(FedAvg):
         entry["rejected"] = []
         dropped = self._sampled - len(results)
         entry["secure_aggregation"] = {"summed": len(results), "dropped": dropped}
-        entry.update(self.clock.stop())
         if not results:
-            record_round(self.out, self.rounds, entry, None)
+            self.record(entry, None)
             return None, {}
         # The workflow gives every result the same unmasked average: only that is known.
         average = parameters_to_ndarrays(results[0][1].parameters)
@@ -114,9 +108,9 @@ class SecureFedAvg(FedAvg):
                 server_round, len(results), problem)  # fmt: skip
             entry["rejected"] = [{"node": None, "hospital": "(the sum)", "reason": problem}]
             entry["hospitals"] = {}
-            record_round(self.out, self.rounds, entry, None)
+            self.record(entry, None)
             return None, {}
-        record_round(self.out, self.rounds, entry, messages.to_record(weights))
+        self.record(entry, messages.to_record(weights))
         return ndarrays_to_parameters([weights[n] for n in self.names]), {}
 
 
@@ -153,7 +147,7 @@ def _reasons(failures) -> list[str]:
 
 
 def train_secure(
-    grid: Grid,
+    grid: MeteredGrid,
     context: Context,
     cfg: dict,
     out: Path,
@@ -167,7 +161,7 @@ def train_secure(
     secagg = fed["secagg"]
     names = list(weights)
     strategy = SecureFedAvg(
-        out, names, train_config, cfg, meter=grid if isinstance(grid, MeteredGrid) else None,
+        out, names, train_config, cfg, meter=grid,
         initial_parameters=ndarrays_to_parameters([weights[n] for n in names]),
     )  # fmt: skip
     strategy.resume(done, history)
@@ -189,8 +183,7 @@ def train_secure(
             current = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
             entry = {"round": current + done, "hospitals": {}, "refused": [], "rejected": []}
             entry["halted"] = "secure aggregation halted: too few hospitals answered"
-            entry.update(strategy.clock.stop())
-            record_round(out, strategy.rounds, entry, None)
+            strategy.record(entry, None)
 
     DefaultWorkflow(fit_workflow=fit)(grid, legacy)
     final = compat.arrayrecord_to_parameters(

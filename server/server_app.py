@@ -91,7 +91,7 @@ def train_and_publish(
 
 
 def train_plain(
-    grid: Grid,
+    grid: MeteredGrid,
     cfg: dict,
     out: Path,
     weights: dict,
@@ -109,7 +109,7 @@ def train_plain(
         min_train_nodes=int(fed["min_hospitals"]),
         min_available_nodes=int(fed["hospitals"]),  # round 1 waits for all of them
         max_update_norm=float(fed["max_update_norm"]),
-        meter=grid if isinstance(grid, MeteredGrid) else None,
+        meter=grid,
     )
     strategy.resume(done, history)
     result = strategy.start(

@@ -40,30 +40,55 @@ def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRe
     return MetricRecord(out)
 
 
-class TwinFedAvg(FedAvg):
-    """FedAvg that checks every update before averaging (``fedtwin.checks``), logs
-    per-hospital metrics and checkpoints every round into ``out``."""
+class RoundBook:
+    """What both strategies (``TwinFedAvg`` here, ``secagg.SecureFedAvg``) keep across
+    rounds: the round records, the offset of a resumed run, and for each round its wall
+    time, its bytes per node (with a ``traffic.MeteredGrid``) and a checkpoint."""
 
-    def __init__(self, out: Path, max_update_norm: float = float("inf"), meter=None, **kwargs):
-        kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
-        super().__init__(**kwargs)
-        self.clock = RoundClock(meter)
-        self.out = Path(out)
-        self.max_update_norm = float(max_update_norm)
+    def open_book(self, out: Path, meter=None) -> None:
+        self.out, self.meter = Path(out), meter
         self.rounds: list[dict] = []
         self.offset = 0  # rounds completed before this run (resumed from a checkpoint)
-        self._sent: dict[str, np.ndarray] = {}  # the global model of the current round
+        self._started = time.monotonic()
 
     def resume(self, completed: int, rounds: list[dict]) -> None:
         """Continue after ``completed`` rounds (their records ``rounds``): this run's round
         1 is the federation's round ``completed + 1``, and the hospitals see that number."""
         self.offset, self.rounds = completed, list(rounds)
 
+    def start_round(self) -> None:
+        self._started = time.monotonic()
+        if self.meter is not None:
+            self.meter.take()  # what came before this round is not its traffic
+
+    def record(self, entry: dict, arrays: ArrayRecord | None) -> None:
+        """Log a finished round and keep it; if it made a new global model, checkpoint both
+        (a round without one is repeated after a restart)."""
+        entry["seconds"] = time.monotonic() - self._started
+        if self.meter is not None:
+            entry["traffic"] = self.meter.take()
+        self.rounds.append(entry)
+        log(INFO, "round %d: %s", entry["round"], describe_round(entry))
+        if arrays is not None:
+            save_checkpoint(self.out, entry["round"], arrays, self.rounds)
+
+
+class TwinFedAvg(RoundBook, FedAvg):
+    """FedAvg that checks every update before averaging (``fedtwin.checks``), logs
+    per-hospital metrics and checkpoints every round into ``out``."""
+
+    def __init__(self, out: Path, max_update_norm: float = float("inf"), meter=None, **kwargs):
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
+        super().__init__(**kwargs)
+        self.open_book(out, meter)
+        self.max_update_norm = float(max_update_norm)
+        self._sent: dict[str, np.ndarray] = {}  # the global model of the current round
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent = messages.from_record(arrays)
-        self.clock.start()
+        self.start_round()
         replies = super().configure_train(server_round + self.offset, arrays, config, grid)
         # Later rounds go on with whoever is online (at least min_train_nodes).
         self.min_available_nodes = self.min_train_nodes
@@ -94,27 +119,8 @@ class TwinFedAvg(FedAvg):
         entry["rejected"] = rejected
         if metrics is not None:
             entry["mean"] = {k: v for k, v in metrics.items() if k != "epsilon"}
-        entry.update(self.clock.stop())
-        record_round(self.out, self.rounds, entry, arrays)
+        self.record(entry, arrays)
         return arrays, metrics
-
-
-class RoundClock:
-    """A round's wall time and, with a ``traffic.MeteredGrid``, its bytes per node."""
-
-    def __init__(self, meter=None):
-        self.meter, self.started = meter, time.monotonic()
-
-    def start(self) -> None:
-        self.started = time.monotonic()
-        if self.meter is not None:
-            self.meter.take()  # what came before this round is not its traffic
-
-    def stop(self) -> dict:
-        timing = {"seconds": time.monotonic() - self.started}
-        if self.meter is not None:
-            timing["traffic"] = self.meter.take()
-        return timing
 
 
 def hospital_metrics(metrics) -> dict:
@@ -122,15 +128,6 @@ def hospital_metrics(metrics) -> dict:
     m = dict(metrics)
     m["epsilon"] = messages.epsilon_from_metric(float(m["epsilon"]))
     return m
-
-
-def record_round(out: Path, rounds: list[dict], entry: dict, arrays: ArrayRecord | None) -> None:
-    """Log a finished round, add it to ``rounds`` and, if it made a new global model,
-    checkpoint both (a round without one is repeated after a restart)."""
-    rounds.append(entry)
-    log(INFO, "round %d: %s", entry["round"], describe_round(entry))
-    if arrays is not None:
-        save_checkpoint(out, entry["round"], arrays, rounds)
 
 
 def describe_round(entry: dict) -> str:
