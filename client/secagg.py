@@ -19,7 +19,6 @@ import json
 import logging
 import os
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
@@ -29,11 +28,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedtwin import messages
-from fedtwin.checks import update_problem
+from fedtwin.checks import secagg_clip_problem, update_problem
 
 NAMES = "array-names"  # fit config: the model's array names (JSON), in the parameters' order
 MAX_NORM = "max-update-norm"  # fit config: the federation's bound on an update's L2 norm
-CLIP = "clipping-range"  # fit config: SecAgg+ clips weights to +- this before quantizing
+CLIP = "clipping-range"  # fit config: SecAgg+ clips weights x examples / MAX_WEIGHT to +- this
+MAX_WEIGHT = "max-weight"  # fit config: SecAgg+'s max_weight (federation.secagg.max_examples)
 
 
 def secure_aggregation(msg: Message, context: Context, call_next) -> Message:
@@ -58,6 +58,7 @@ def legacy_fit(msg: Message, context: Context, call_next) -> Message:
     config = dict(fitins.config)
     names = [str(n) for n in json.loads(str(config.pop(NAMES)))]
     max_norm, clip = float(config.pop(MAX_NORM)), float(config.pop(CLIP))
+    max_weight = float(config.pop(MAX_WEIGHT))
     sent = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
     msg.content = RecordDict(
         {messages.ARRAYS: messages.to_record(sent), messages.CONFIG: ConfigRecord(config)}
@@ -68,10 +69,11 @@ def legacy_fit(msg: Message, context: Context, call_next) -> Message:
     content = reply.content
     name = str(content[messages.HOSPITAL]["name"])
     weights = messages.from_record(content[messages.ARRAYS])
-    problem = update_problem(weights, sent, max_norm) or _clip_problem(weights, clip)
+    metrics = dict(content[messages.METRICS])
+    scale = int(metrics["num-examples"]) / max_weight
+    problem = update_problem(weights, sent, max_norm) or secagg_clip_problem(weights, clip, scale)
     if problem:
         raise ValueError(f"{name}: own update failed its check and was not sent: {problem}")
-    metrics = dict(content[messages.METRICS])
     fitres = FitRes(
         status=Status(Code.OK, "OK"),
         parameters=ndarrays_to_parameters([weights[n] for n in names]),
@@ -80,15 +82,3 @@ def legacy_fit(msg: Message, context: Context, call_next) -> Message:
         metrics={"hospital": name, "round-metrics": json.dumps(metrics)},
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
-
-
-def _clip_problem(weights: dict[str, np.ndarray], clip: float) -> str | None:
-    """SecAgg+ would silently clip weights beyond +-clip: refuse rather than send them."""
-    for name, arr in weights.items():
-        largest = float(np.max(np.abs(arr))) if arr.size else 0.0
-        if largest > clip:
-            return (
-                f"{name}: |weight| {largest:.3g} exceeds the secure aggregation's "
-                f"clipping range {clip:g} (federation.secagg.clipping_range)"
-            )
-    return None

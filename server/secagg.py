@@ -24,7 +24,7 @@ from logging import WARNING
 from pathlib import Path
 
 import numpy as np
-from fedtwin.client.secagg import CLIP, MAX_NORM, NAMES
+from fedtwin.client.secagg import CLIP, MAX_NORM, MAX_WEIGHT, NAMES
 from fedtwin.server.strategy import RoundBook, hospital_metrics
 from fedtwin.server.traffic import MeteredGrid
 from flwr.app import Context
@@ -70,6 +70,7 @@ class SecureFedAvg(RoundBook, FedAvg):
             NAMES: json.dumps(self.names),  # legacy configs hold scalars only
             MAX_NORM: self.max_update_norm,
             CLIP: float(fed["secagg"]["clipping_range"]),
+            MAX_WEIGHT: float(fed["secagg"]["max_examples"]),
         }
         self._sent: dict[str, np.ndarray] = {}
         self._sampled = 0

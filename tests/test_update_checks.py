@@ -12,7 +12,7 @@ import torch
 from fedtwin.server.server_app import initial_weights
 
 from fedtwin import messages
-from fedtwin.checks import update_problem
+from fedtwin.checks import secagg_clip_problem, update_problem
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 
@@ -27,6 +27,18 @@ def test_update_problems_are_named():
     assert "missing ['b']" in update_problem({"a": ref["a"]}, ref, 10.0)
     far = {**ref, "a": np.full((2, 3), 100.0, np.float32)}
     assert "exceeds federation.max_update_norm=10" in update_problem(far, ref, 10.0)
+
+
+def test_the_secagg_clip_check_uses_the_weights_as_secagg_scales_them():
+    """SecAgg+ clips weights x examples / max_examples: a running variance of 14 at a
+    hospital of 760 images (x 0.076 = 1.06) fits a clipping range of 8; 120 does not."""
+    weights = {"bn.running_var": np.array([1.0, 14.0], np.float32)}
+    assert secagg_clip_problem(weights, 8.0, 760 / 10000) is None
+    assert secagg_clip_problem(weights, 8.0, 1.0) is not None  # a hospital at max_examples
+    big = {"bn.running_var": np.array([120.0], np.float32)}
+    assert "bn.running_var: |weight| 120 x examples/max_examples 0.076 exceeds" in (
+        secagg_clip_problem(big, 8.0, 760 / 10000)
+    )
 
 
 def faulty(msg, context, call_next):
