@@ -17,6 +17,17 @@ def load_config(overrides: list[str] | None = None) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def check_federation(cfg: Mapping[str, Any]) -> None:
+    """Refuse settings that could never finish a round, before anything starts."""
+    fed = cfg["federation"]
+    if fed.get("secure_aggregation") and int(fed["hospitals"]) < 2:
+        raise ValueError(
+            f"federation.secure_aggregation=true needs at least 2 hospitals (SecAgg+ masks "
+            f"each update with keys shared with the others), but federation.hospitals="
+            f"{fed['hospitals']}; set federation.secure_aggregation=false for one hospital"
+        )
+
+
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
     import torch

@@ -89,7 +89,13 @@ def part_a(out_dir: Path, overrides: list[str]) -> dict:
 
 
 def part_b(out_dir: Path, overrides: list[str]) -> dict:
-    central = [*SETTING, *overrides, "federation.hospitals=1"]
+    # one hospital: there is no sum to hide an update in, so no secure aggregation
+    central = [
+        *SETTING,
+        *overrides,
+        "federation.hospitals=1",
+        "federation.secure_aggregation=false",
+    ]
     return {
         "setting": central,
         "note": "the same generator and privacy plan on the pooled training images of the "

@@ -130,3 +130,15 @@ def test_dp_off_is_labelled_infinite(tmp_path, data_path):
     manifest = json.loads((tmp_path / "twin" / "manifest.json").read_text())
     assert set(manifest["privacy"]["epsilon_per_hospital"].values()) == {"inf"}
     assert "DP off" in (tmp_path / "report.html").read_text()
+
+
+def test_one_hospital_with_secure_aggregation_is_refused_before_anything_starts(tmp_path):
+    """SecAgg+ needs two hospitals: one would wait forever for a second."""
+    from fedtwin.config import check_federation
+    from fedtwin.demo import run_demo
+
+    cfg = load_config(["+experiment=tiny", "federation.hospitals=1"])
+    with pytest.raises(ValueError, match="federation.secure_aggregation=false for one hospital"):
+        run_demo(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    check_federation(load_config(["federation.hospitals=1", "federation.secure_aggregation=false"]))
