@@ -1,5 +1,6 @@
 """fedtwin.models: shapes, Opacus compatibility of the private module, config errors."""
 
+import numpy as np
 import pytest
 import torch
 from opacus.validators import ModuleValidator
@@ -38,3 +39,39 @@ def test_unknown_model_names_the_field():
 def test_image_size_must_fit_the_architecture():
     with pytest.raises(ValueError, match="image_size"):
         build_model({"name": "dcgan"}, 2, 30)
+
+
+@pytest.mark.parametrize("conditioning, width", [("planes", 1), ("aux", 1 + 3)])
+def test_discriminator_outputs_a_logit_and_with_aux_the_class_logits(conditioning, width):
+    m = model(conditioning=conditioning)
+    assert ModuleValidator.validate(m.private_module(), strict=False) == []
+    out = m.private_module()(torch.zeros(5, 1, 28, 28), torch.tensor([0, 1, 2, 0, 1]))
+    assert out.shape == (5, width)
+
+
+def test_unknown_conditioning_names_the_field():
+    with pytest.raises(ValueError, match="model.conditioning"):
+        model(conditioning="text")
+
+
+def test_the_discriminator_learns_the_class_of_real_images():
+    """AC-GAN: D's class head is trained on real images (here: dark vs bright squares),
+    so after a few steps it tells the classes apart; the generator is pushed towards it."""
+    from fedtwin.privacy import plan_privacy
+    from fedtwin.training import local_round
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 256)
+    images = np.where(labels[:, None, None] == 1, 200, 30).astype(np.uint8)
+    images = np.broadcast_to(images, (256, 28, 28)).copy()
+    images[:, :4] = rng.integers(0, 255, (256, 4, 28), dtype=np.uint8)  # some clutter
+    m = model(conditioning="aux", lr_d=0.01)  # classes 0 and 1 of 3 present
+    plan = plan_privacy(enabled=False, epsilon=1.0, delta=1e-5, max_grad_norm=1.0,
+                        accountant="rdp", n_train=256, batch_size=32, total_steps=30,
+                        label_noise=0.0)  # fmt: skip
+    result = local_round(m, images, labels, plan, steps=30, batch_size=32, history=[], seed=0)
+    assert "loss_g" in result.losses
+    x = torch.tensor(images, dtype=torch.float32).div(127.5).sub(1).unsqueeze(1)
+    with torch.no_grad():
+        predicted = m.private_module()(x, torch.tensor(labels))[:, 1:].argmax(1).numpy()
+    assert (predicted == labels).mean() > 0.95

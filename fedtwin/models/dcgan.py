@@ -1,8 +1,10 @@
 """Class-conditional DCGAN for small grayscale images (28 x 28 by default).
 
-The discriminator has no BatchNorm (Opacus needs per-sample gradients) and sees the
-label as one-hot planes stacked on the image. It is the only module that sees real
-images, so it is the one trained with DP-SGD; the generator only learns through it.
+The discriminator has no BatchNorm (Opacus needs per-sample gradients). By default it is
+an AC-GAN discriminator: it sees the image only, and besides its real/fake logit it
+predicts the class, a head trained on real images; the generator learns to make images of
+the class it was asked for. The discriminator is the only module that sees real images,
+so it is the one trained with DP-SGD; the generator only learns through it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ class DCGANConfig:
     latent_dim: int = 64
     g_width: int = 16  # generator base channels
     d_width: int = 32  # discriminator base channels
-    lr_g: float = 2e-4
+    lr_g: float = 5e-4
     lr_d: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
     d_steps: int = 1  # discriminator (DP) steps per generator step
     mode_seeking: float = 0.2  # weight of the mode-seeking term that keeps G from collapsing
+    # How D uses the label: "aux" (D sees the image only, and also predicts its class, as
+    # in AC-GAN) or "planes" (one-hot planes stacked on the image, as in cGAN).
+    conditioning: str = "aux"
+    aux_weight: float = 3.0  # weight of the class loss with "aux"
 
 
 class Generator(nn.Module):
@@ -64,29 +70,42 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """images ``(N, 1, S, S)``, ``y (N,)`` -> logits ``(N,)``; no BatchNorm (Opacus).
+    """images ``(N, 1, S, S)``, ``y (N,)`` -> logits ``(N, 1 + n_classes)`` or ``(N, 1)``.
 
-    The label enters as one-hot planes stacked on the image (as in the original cGAN), so
-    every filter sees it from the first layer.
+    "aux" (AC-GAN): the image alone gives a real/fake logit and class logits; under DP the
+    class head is what makes the twins' labels mean something (it is trained on real images
+    with the same clipped, noised gradient as the real/fake logit). "planes" (cGAN): the
+    label enters as one-hot planes stacked on the image, and only the real/fake logit comes
+    out. No BatchNorm (Opacus).
     """
 
     def __init__(self, cfg: DCGANConfig):
         super().__init__()
+        k = cfg.n_classes
+        outputs = {"planes": 1, "aux": 1 + k}
+        if cfg.conditioning not in outputs:
+            raise ValueError(
+                f"model.conditioning={cfg.conditioning!r}: expected one of {', '.join(outputs)}"
+            )
         w = cfg.d_width
-        self.n_classes = cfg.n_classes
+        self.n_classes = k
+        self.classifies = cfg.conditioning == "aux"  # class logits after the real/fake one
         self.features = nn.Sequential(
-            nn.Conv2d(1 + cfg.n_classes, w, 4, stride=2, padding=1),  # S -> S/2
+            nn.Conv2d(1 + (not self.classifies) * k, w, 4, stride=2, padding=1),  # S -> S/2
             nn.LeakyReLU(0.2),
             nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),  # S/2 -> S/4
             nn.LeakyReLU(0.2),
             nn.Flatten(),
-            nn.Linear(2 * w * (cfg.image_size // 4) ** 2, 1),
+            nn.Linear(2 * w * (cfg.image_size // 4) ** 2, outputs[cfg.conditioning]),
         )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``(N, 1)`` real/fake logits, then (with "aux") ``n_classes`` class logits."""
+        if self.classifies:
+            return self.features(x)  # the label is what D predicts, not what it is told
         planes = F.one_hot(y, self.n_classes).to(x.dtype)[:, :, None, None]
         planes = planes.expand(-1, -1, x.shape[2], x.shape[3])
-        return self.features(torch.cat([x, planes], dim=1)).squeeze(1)
+        return self.features(torch.cat([x, planes], dim=1))
 
 
 class DCGAN(TwinGenerator):
@@ -130,16 +149,12 @@ class DCGAN(TwinGenerator):
             fake, fake_y = self._fake(max(2, expected_batch), rng, device)  # BatchNorm needs 2
         params = [p for p in private.parameters() if p.requires_grad]
         with _hooks_off(private):
-            loss_fake = F.binary_cross_entropy_with_logits(
-                private(fake, fake_y), torch.zeros(len(fake), device=device)
-            )
+            loss_fake = self._d_loss(private(fake, fake_y), fake_y, real=False).mean()
             fake_grads = dict(zip(params, torch.autograd.grad(loss_fake, params), strict=True))
         # Real images: per-sample gradients, clipped and noised by the DP optimizer.
         private_opt.zero_grad(set_to_none=True)
-        logits = private(real, labels)
-        loss_real = F.binary_cross_entropy_with_logits(
-            logits, torch.ones(len(real), device=device), reduction="sum"
-        ) / max(1, len(real))  # an empty Poisson batch gives 0, not NaN
+        per_image = self._d_loss(private(real, labels), labels, real=True)
+        loss_real = per_image.sum() / max(1, len(real))  # an empty Poisson batch gives 0
         loss_real.backward()
         private_step(private_opt, fake_grads)
         loss_d = loss_real + loss_fake
@@ -156,6 +171,18 @@ class DCGAN(TwinGenerator):
             private_opt.zero_grad(set_to_none=True)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
 
+    def _d_loss(self, out: torch.Tensor, y: torch.Tensor, real: bool) -> torch.Tensor:
+        """Per-image discriminator loss: real/fake, plus (AC-GAN) the class of real images.
+
+        The class head learns from real images only; generated ones would teach it the
+        generator's mistakes.
+        """
+        target = torch.full((len(out),), float(real), device=out.device)
+        loss = F.binary_cross_entropy_with_logits(out[:, 0], target, reduction="none")
+        if real and self.discriminator.classifies:
+            loss = loss + self.cfg.aux_weight * F.cross_entropy(out[:, 1:], y, reduction="none")
+        return loss
+
     def _generator_loss(self, private, n: int, rng: torch.Generator, device) -> torch.Tensor:
         """Non-saturating GAN loss plus the mode-seeking term (Mao et al., 2019).
 
@@ -167,9 +194,10 @@ class DCGAN(TwinGenerator):
         z = torch.randn(2 * half, self.cfg.latent_dim, generator=rng).to(device)
         y = self._labels(half, rng).repeat(2).to(device)
         fake = self.generator(z, y)
-        loss = F.binary_cross_entropy_with_logits(
-            private(fake, y), torch.ones(len(fake), device=device)
-        )
+        out = private(fake, y)
+        loss = F.binary_cross_entropy_with_logits(out[:, 0], torch.ones(len(fake), device=device))
+        if self.discriminator.classifies:  # AC-GAN: images D classifies as their label
+            loss = loss + self.cfg.aux_weight * F.cross_entropy(out[:, 1:], y)
         if self.cfg.mode_seeking > 0:
             image_gap = (fake[:half] - fake[half:]).abs().mean(dim=(1, 2, 3))
             noise_gap = (z[:half] - z[half:]).abs().mean(dim=1)
