@@ -184,11 +184,12 @@ class DCGAN(TwinGenerator):
         return loss
 
     def _generator_loss(self, private, n: int, rng: torch.Generator, device) -> torch.Tensor:
-        """Non-saturating GAN loss plus the mode-seeking term (Mao et al., 2019).
+        """Non-saturating GAN loss, the class loss (AC-GAN) and the mode-seeking term (Mao
+        et al., 2019).
 
-        The batch is two halves with the same labels and different noise; the term grows
-        when two noise vectors give nearly the same image, which is what collapse looks like.
-        It touches no real data, so it costs no privacy.
+        The batch is two halves with the same labels and different noise; the mode-seeking
+        term grows when two noise vectors give nearly the same image, which is what collapse
+        looks like. None of this touches real data, so it costs no privacy.
         """
         half = max(1, n // 2)
         z = torch.randn(2 * half, self.cfg.latent_dim, generator=rng).to(device)
