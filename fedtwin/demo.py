@@ -128,6 +128,7 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
         "wall_time_s": wall,
         "federation_time_s": federation_time,  # training, twin, audit at the hospitals
         "rounds_completed": int(manifest["rounds_completed"]),
+        "generator_rounds": manifest["generator_rounds"],  # the twin's share-makers
         "epsilon_per_hospital": epsilons,
         "delta": float(cfg["privacy"]["delta"]),
         "gate": manifest["gate"],
@@ -151,7 +152,11 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
         federated_utility=manifest["federated_utility"],
         config=cfg,
         wall_time_s=wall,
-        notes=[],
+        notes=[
+            "the twin was drawn from the global generators of rounds "
+            f"{', '.join(map(str, manifest['generator_rounds']))}, an equal share each "
+            "(twin.checkpoints)"
+        ],
     )
     return summary
 

@@ -72,6 +72,29 @@ def generate(
     )
 
 
+def generate_from_rounds(
+    models: list[TwinGenerator], labels: np.ndarray, seed: int, device: str = "cpu"
+) -> np.ndarray:
+    """A checkpoint ensemble: ``models`` (the global generators of the last rounds) make
+    equal consecutive shares of ``labels``, in order; uint8 ``(N, H, W)``.
+
+    A DP-trained GAN swings from round to round (the discriminator sees noisy gradients),
+    so one round's generator may lean towards some modes; a twin drawn from several
+    rounds evens that out. Labels from ``label_mix`` are shuffled, so every share has the
+    twin's label mix up to sampling. The models are DP outputs every hospital already
+    received: drawing from them costs no privacy.
+    """
+    if not models:
+        raise ValueError("generate_from_rounds: no generator given")
+    shares = np.array_split(np.arange(len(labels)), len(models))
+    return np.concatenate(
+        [
+            generate(model, labels[idx], seed + i, device=device)
+            for i, (model, idx) in enumerate(zip(models, shares, strict=True))
+        ]
+    )
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

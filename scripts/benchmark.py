@@ -30,6 +30,7 @@ its error and the others still run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -80,7 +81,44 @@ def run_demo_command(out: Path, overrides: list[str]) -> dict:
         "tstr": {k: ev["tstr"][k] for k in ("auc_mean", "auc_std", "acc_mean", "acc_std")},
         "trtr": {k: ev["trtr"][k] for k in ("auc_mean", "auc_std", "acc_mean", "acc_std")},
         "frechet": ev["frechet"],
+        "generator_rounds": summary.get("generator_rounds"),
+        "last_round_alone": last_round_alone(out),
         "output": str(out),
+    }
+
+
+def last_round_alone(out: Path) -> dict | None:
+    """The demo's evaluation of a twin made by the last round's generator alone
+    (``twin.checkpoints=1``), with the twin's labels and seed: what drawing the twin from
+    several rounds adds, measured on the same training run. None if it used one round."""
+    from fedtwin.server.strategy import read_history, recent_global_models
+
+    from fedtwin.demo import load_real_data, simulate_hospitals
+    from fedtwin.metrics import evaluate_twin
+    from fedtwin.models import build_model
+    from fedtwin.training import set_weights
+    from fedtwin.twin import generate
+
+    manifest = json.loads((out / "twin" / "manifest.json").read_text())
+    if len(manifest.get("generator_rounds", [])) < 2:
+        return None
+    cfg = manifest["config"]
+    train, val, _ = load_real_data(cfg)
+    hospitals = simulate_hospitals(cfg, train)
+    real = (np.concatenate([h.train.images for h in hospitals]),
+            np.concatenate([h.train.labels for h in hospitals]))  # fmt: skip
+    [(done, weights)] = recent_global_models(out, read_history(out), 1)
+    with np.load(out / "twin" / "images.npz") as npz:
+        labels = npz["train_labels"][:, 0].astype(np.int64)
+    model = build_model(cfg["model"], len(cfg["data"]["classes"]), int(cfg["data"]["image_size"]))
+    set_weights(model, weights)
+    images = generate(model.eval(), labels, int(cfg["seed"]))
+    ev = evaluate_twin((images, labels), real, (val.images, val.labels), cfg["eval"],
+                       n_classes=len(cfg["data"]["classes"]))  # fmt: skip
+    return {
+        "round": done,
+        "tstr": {k: ev["tstr"][k] for k in ("auc_mean", "auc_std", "acc_mean", "acc_std")},
+        "frechet_twin_vs_val": ev["frechet"]["twin_vs_val"],
     }
 
 
@@ -261,6 +299,7 @@ DDPM_CPU = [
     "model.width=16",
     "model.noise_multiplicity=2",
     "model.sample_steps=25",
+    "federation.rounds=20",
     "federation.local_steps=40",
     "twin.size=2000",
 ]
@@ -615,6 +654,12 @@ def summary_lines(result: dict) -> str:
                 f"(floor {fr['train_vs_val_floor']:.2f}) | {r['command_wall_time_s']:.0f} s | "
                 f"audit {r['gate']['audit_verdict']}"
             )
+            alone = r.get("last_round_alone")
+            if alone:
+                lines.append(
+                    f"  twin from the last round alone (round {alone['round']}): TSTR AUC "
+                    f"{alone['tstr']['auc_mean']:.3f} | Fréchet {alone['frechet_twin_vs_val']:.2f}"
+                )
     c = result.get("c_dp_classifier_baseline", {})
     if "auc_mean" in c:
         lines.append(f"c baseline: AUC {c['auc_mean']:.3f} ACC {c['acc_mean']:.3f}")

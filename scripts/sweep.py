@@ -7,7 +7,9 @@ process (no Flower, no secure aggregation), TSTR on val at chosen rounds; writes
 Each hospital runs the same ``local_round`` as in the demo, with its own noisy label mix,
 accountant history and optimizer moments; the server averages by examples. TSTR here is a
 cheaper evaluation than the demo's (a 4,000-image twin, 10 epochs, 2 classifier seeds), so
-compare runs of this script with each other. With ``model.conditioning=aux`` it also
+compare runs of this script with each other. Like the demo's twin, it is drawn from the
+global models of the last ``twin.checkpoints`` rounds (``twin.checkpoints=1``: the last
+model alone). With ``model.conditioning=aux`` it also
 scores the discriminator's class head on val: a DP classifier that comes for free.
 DP noise is drawn from the OS, so two runs of one setting differ; run a setting twice
 before believing a small difference.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +34,24 @@ from fedtwin.metrics import classification_scores, predict_proba, train_classifi
 from fedtwin.models import build_model
 from fedtwin.privacy import noisy_class_shares, plan_from_config
 from fedtwin.training import get_weights, local_round, set_weights, to_tensor
-from fedtwin.twin import generate, label_mix
+from fedtwin.twin import generate_from_rounds, label_mix
 
 
-def scores(cfg: dict, weights: dict, labels: np.ndarray, val) -> dict:
-    model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
-    set_weights(model, weights)
-    model.eval()
-    images = generate(model, labels, seed=0)
+def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val) -> dict:
+    """TSTR of a twin drawn from the ``recent`` global models (as ``twin.checkpoints``
+    does) and, for the AC-GAN, the last model's class head on val."""
+    models = []
+    for weights in recent:
+        model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
+        set_weights(model, weights)
+        models.append(model.eval())
+    images = generate_from_rounds(models, labels, seed=0)
     aucs = []
     for seed in (0, 1):
         clf = train_classifier(images, labels, model.n_classes, epochs=10, batch_size=128,
                                lr=1e-3, seed=seed)  # fmt: skip
         aucs.append(classification_scores(predict_proba(clf, val.images), val.labels)["auc"])
-    out = {"tstr_auc": float(np.mean(aucs)), "tstr_auc_per_seed": aucs}
+    out = {"tstr_auc": float(np.mean(aucs)), "tstr_auc_per_seed": aucs, "models": len(models)}
     if cfg["model"].get("conditioning") == "aux":
         with torch.no_grad():
             logits = model.private_module()(to_tensor(val.images), torch.as_tensor(val.labels))
@@ -81,6 +87,7 @@ def main() -> None:
     torch.manual_seed(int(cfg["seed"]))
     image_size = cfg["data"]["image_size"]
     weights = get_weights(build_model(cfg["model"], n_classes, image_size))
+    recent = deque(maxlen=int(cfg["twin"]["checkpoints"]))  # the twin's generators
     result = {"overrides": args.overrides, "sigma": [p.noise_multiplier for p in plans],
               "sample_rate": [p.sample_rate for p in plans], "rounds": {}}  # fmt: skip
     start = time.time()
@@ -97,11 +104,12 @@ def main() -> None:
             updates.append((r.weights, r.num_examples, r.epsilon))
         total = sum(n for _, n, _ in updates)
         weights = OrderedDict((k, sum(w[k] * n for w, n, _ in updates) / total) for k in weights)
+        recent.append(weights)
         if rnd == rounds or (args.every and rnd % args.every == 0):
             result["rounds"][rnd] = {
                 "train_s": time.time() - start,
                 "epsilon": [e for _, _, e in updates],
-                **scores(cfg, weights, twin_labels, val),
+                **scores(cfg, list(recent), twin_labels, val),
             }
             tqdm.write(f"round {rnd}: {result['rounds'][rnd]}")
             write_json(args.out, result)

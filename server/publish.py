@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -28,7 +28,7 @@ from fedtwin.metrics import train_classifier
 from fedtwin.models import build_model
 from fedtwin.signing import load_signing_key, make_signing_key, public_key_path, sign_twin
 from fedtwin.training import get_weights, set_weights
-from fedtwin.twin import generate, label_mix, write_twin
+from fedtwin.twin import generate_from_rounds, label_mix, write_twin
 from fedtwin.utility import pool_utility
 
 AUDIT_PARAMETERS = ("neighbours", "copy_ratio", "copy_quantile", "density_k", "bins")
@@ -100,16 +100,25 @@ def signing_key(cfg: dict, out: Path):
 
 
 def publish_twin(
-    grid: Grid, cfg: dict, out: Path, arrays: ArrayRecord, history: list[dict]
+    grid: Grid, cfg: dict, out: Path, global_models: list[tuple[int, dict]], history: list[dict]
 ) -> dict[str, Any]:
-    """Steps 1-5 of the module docstring; returns the gate (verdict, signed, override)."""
+    """Steps 1-5 of the module docstring; returns the gate (verdict, signed, override).
+
+    ``global_models`` are (round, weights) of the last ``twin.checkpoints`` rounds
+    (``strategy.recent_global_models``); each makes an equal share of the twin."""
     n_classes = len(cfg["data"]["classes"])
     seed, tw, ev, au = int(cfg["seed"]), cfg["twin"], cfg["eval"], cfg["audit"]
-    model = build_model(cfg["model"], n_classes, int(cfg["data"]["image_size"]))
-    set_weights(model, messages.from_record(arrays))
+    models = []
+    for _, weights in global_models:
+        model = build_model(cfg["model"], n_classes, int(cfg["data"]["image_size"]))
+        set_weights(model, weights)
+        models.append(model)
     labels = label_mix(label_counts(history, n_classes), int(tw["size"]), tw["label_mix"], seed)
-    images = generate(model, labels, seed, device=str(cfg.get("device_resolved", "cpu")))
-    log(INFO, "twin: %d candidate images; training the twin classifier", len(images))
+    device = str(cfg.get("device_resolved", "cpu"))
+    images = generate_from_rounds(models, labels, seed, device=device)
+    rounds = [r for r, _ in global_models]
+    log(INFO, "twin: %d candidate images from the global models of rounds %s; training the "
+        "twin classifier", len(images), ", ".join(map(str, rounds)))  # fmt: skip
     classifier = train_classifier(
         images,
         labels,
@@ -142,7 +151,7 @@ def publish_twin(
             f"audit ({'; '.join(f['reason'] for f in failed) or 'no answer'})"
         )
     utility = pool_utility(utilities)
-    gate = write_gated_twin(Path(out), cfg, images, labels, audit, utility, history)
+    gate = write_gated_twin(Path(out), cfg, images, labels, audit, utility, history, rounds)
     log(
         INFO,
         "audit %s; federated utility AUC %.3f ACC %.3f over %d holdout images",
@@ -162,6 +171,7 @@ def write_gated_twin(
     audit: dict,
     utility: dict,
     history: list[dict],
+    generator_rounds: list[int],
 ) -> dict[str, Any]:
     """Write ``out/twin`` with ``audit.json`` and the manifest; sign it only if the audit
     passed or ``audit.override`` gives the operator's reason (recorded in the manifest).
@@ -185,6 +195,7 @@ def write_gated_twin(
         provenance={
             "config": cfg,
             "rounds_completed": max((e["round"] for e in history), default=0),
+            "generator_rounds": generator_rounds,  # the global models that made the twin
             "privacy": {
                 "dp": dp,
                 "delta": float(cfg["privacy"]["delta"]),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedtwin.server.publish import publish_twin
 from fedtwin.server.secagg import train_secure
-from fedtwin.server.strategy import TwinFedAvg, load_checkpoint
+from fedtwin.server.strategy import TwinFedAvg, load_checkpoint, recent_global_models
 from fedtwin.server.traffic import MeteredGrid
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
@@ -89,7 +89,8 @@ def train_and_publish(
         refusals = [r for e in history for r in e["refused"]]
         why = f": {refusals[0]['reason']}" if refusals else ""
         raise RuntimeError(f"no hospital trained in any round, nothing to publish{why}")
-    publish_twin(grid, cfg, out, messages.to_record(weights), history)
+    n = int(cfg["twin"].get("checkpoints", 1))
+    publish_twin(grid, cfg, out, recent_global_models(out, history, n), history)
 
 
 def train_plain(

@@ -172,10 +172,33 @@ def load_checkpoint(out: Path) -> tuple[int, dict[str, np.ndarray], list[dict]] 
     path = latest_checkpoint(out)
     if path is None:
         return None
-    saved = torch.load(path, weights_only=True)
-    done = int(saved["round"])
-    weights = {k: v.numpy() for k, v in saved["weights"].items()}
+    done, weights = _read_checkpoint(path)
     return done, weights, [r for r in read_history(out) if r["round"] <= done]
+
+
+def recent_global_models(out: Path, history: list[dict], n: int) -> list[tuple[int, dict]]:
+    """The global models of the last ``n`` rounds in ``history`` that made one (a
+    hospital trained in it), oldest first, as (round, weights) from ``out/checkpoints``.
+    Checkpoints of rounds outside ``history`` (another run's, in a reused folder) are
+    never read."""
+    if n < 1:
+        raise ValueError(f"twin.checkpoints: expected 1 or more rounds, got {n}")
+    made = sorted({int(e["round"]) for e in history if e["hospitals"]})
+    models = []
+    for rnd in made[-n:]:
+        path = Path(out) / "checkpoints" / f"round-{rnd:03d}.pt"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing: round {rnd} made a global model, but its checkpoint is "
+                f"gone; restore it or set twin.checkpoints=1"
+            )
+        models.append(_read_checkpoint(path))
+    return models
+
+
+def _read_checkpoint(path: Path) -> tuple[int, dict[str, np.ndarray]]:
+    saved = torch.load(path, weights_only=True)
+    return int(saved["round"]), {k: v.numpy() for k, v in saved["weights"].items()}
 
 
 def _atomic(path: Path, write) -> None:

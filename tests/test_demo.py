@@ -44,6 +44,7 @@ def test_demo_leaves_twin_and_report(demo_run):
     for rel, digest in manifest["files"].items():
         assert sha256_file(twin / rel) == digest, rel
     assert manifest["rounds_completed"] == 2
+    assert manifest["generator_rounds"] == [1, 2]  # twin.checkpoints=5, only 2 rounds ran
     assert manifest["config"]["model"]["name"] in out.name  # the generator asked for
     assert manifest["audit"]["near_copies"] == 0
     gate = manifest["gate"]
@@ -70,6 +71,7 @@ def test_demo_leaves_twin_and_report(demo_run):
         assert checked.returncode == 1 and "not signed" in checked.stderr, checked.stderr
     html = (out / "report.html").read_text()
     assert "hospital-0" in html and "TSTR" in html and "Privacy audit" in html
+    assert "global generators of rounds 1, 2, an equal share each" in html
     assert "TSTR AUC" in proc.stdout
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from fedtwin.server.server_app import make_server_app
-from fedtwin.server.strategy import TwinFedAvg
+from fedtwin.server.strategy import TwinFedAvg, recent_global_models, save_checkpoint
 
+from fedtwin import messages
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.ledger import Ledger
@@ -64,3 +66,19 @@ def test_restart_resumes_and_no_ledger_entry_counts_twice(small_real, tmp_path, 
         rows, eps = accounting(crashed, h.name)
         clean_rows, clean_eps = accounting(tmp_path / "clean", h.name)
         assert rows == clean_rows and eps == pytest.approx(clean_eps, rel=1e-12)
+
+
+def test_the_twin_reads_the_last_rounds_that_made_a_global_model(tmp_path):
+    history = [{"round": r, "hospitals": {"h0": {}} if r != 3 else {}} for r in (1, 2, 3, 4)]
+    for r in (1, 2, 4, 9):  # round 3 made no model; round 9 is another run's leftover
+        arrays = messages.to_record({"w": np.full(2, float(r), dtype=np.float32)})
+        save_checkpoint(tmp_path, r, arrays, history)
+    models = recent_global_models(tmp_path, history, 2)
+    assert [r for r, _ in models] == [2, 4]
+    assert [float(w["w"][0]) for _, w in models] == [2.0, 4.0]
+    assert [r for r, _ in recent_global_models(tmp_path, history, 10)] == [1, 2, 4]
+    with pytest.raises(ValueError, match="twin.checkpoints"):
+        recent_global_models(tmp_path, history, 0)
+    (tmp_path / "checkpoints" / "round-002.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="round-002.pt is missing"):
+        recent_global_models(tmp_path, history, 2)

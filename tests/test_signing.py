@@ -128,7 +128,7 @@ def gated(tmp_path, verdict: str, override):
     }
     history = [{"round": 1, "hospitals": {"hospital-0": {"epsilon": 1.0}}}]
     utility = {"auc": 0.5, "acc": 0.5, "n": 10, "per_hospital": {}}
-    gate = write_gated_twin(tmp_path, cfg, images, labels, audit, utility, history)
+    gate = write_gated_twin(tmp_path, cfg, images, labels, audit, utility, history, [1])
     return gate, tmp_path / "twin"
 
 

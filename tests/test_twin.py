@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from fedtwin.models import build_model
-from fedtwin.twin import generate, label_mix, sha256_file, write_twin
+from fedtwin.twin import generate, generate_from_rounds, label_mix, sha256_file, write_twin
 
 
 def test_label_mix_federation_matches_shares_exactly():
@@ -49,3 +50,18 @@ def test_twin_directory_contract(tmp_path):
     assert len(manifest["files"]) == 12 + 2
     for rel, digest in manifest["files"].items():
         assert sha256_file(twin / rel) == digest
+
+
+def test_generate_from_rounds_gives_each_generator_an_equal_share():
+    small = {"name": "dcgan", "latent_dim": 8, "g_width": 8, "d_width": 8}
+    torch.manual_seed(0)
+    models = [build_model(small, 2, 28).eval() for _ in range(3)]
+    labels = label_mix(np.array([1, 3]), 10, "federation", 0)
+    images = generate_from_rounds(models, labels, seed=7)
+    assert images.shape == (10, 28, 28)
+    shares = [list(range(0, 4)), list(range(4, 7)), list(range(7, 10))]
+    for i, (model, idx) in enumerate(zip(models, shares, strict=True)):
+        assert np.array_equal(images[idx], generate(model, labels[idx], seed=7 + i)), i
+    assert not np.array_equal(images[:4], generate(models[1], labels[:4], seed=7))
+    with pytest.raises(ValueError, match="no generator"):
+        generate_from_rounds([], labels, seed=0)
