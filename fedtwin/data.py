@@ -385,6 +385,14 @@ def make_hospitals(
     return hospitals
 
 
+def pooled_train(hospitals: list[Hospital]) -> Split:
+    """All hospitals' training images in one Split (what central training would see)."""
+    return Split(
+        np.concatenate([h.train.images for h in hospitals]),
+        np.concatenate([h.train.labels for h in hospitals]),
+    )
+
+
 def label_shares(hospitals: list[Hospital]) -> np.ndarray:
     """Class proportions ``(n_classes,)`` over all hospitals' training images."""
     labels = np.concatenate([h.train.labels for h in hospitals])

@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 
 from fedtwin.config import check_federation, resolve_device
-from fedtwin.data import Hospital, Split, load_npz, make_hospitals, resize_images, resolve_data_path
+from fedtwin.data import (
+    Hospital,
+    Split,
+    load_npz,
+    make_hospitals,
+    pooled_train,
+    resize_images,
+    resolve_data_path,
+)
 from fedtwin.jsonio import write_json
 
 log = logging.getLogger("fedtwin")
@@ -111,10 +119,7 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
     with np.load(twin_dir / "images.npz") as npz:
         images, labels = npz["train_images"], npz["train_labels"][:, 0].astype(np.int64)
 
-    real_train = Split(
-        np.concatenate([h.train.images for h in hospitals]),
-        np.concatenate([h.train.labels for h in hospitals]),
-    )
+    real_train = pooled_train(hospitals)
     evaluation = evaluate_twin(
         (images, labels),
         (real_train.images, real_train.labels),

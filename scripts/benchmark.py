@@ -78,13 +78,18 @@ def run_demo_command(out: Path, overrides: list[str]) -> dict:
         "rounds_completed": summary["rounds_completed"],
         "epsilon_per_hospital": summary["epsilon_per_hospital"],
         "delta": summary["delta"],
-        "tstr": {k: ev["tstr"][k] for k in ("auc_mean", "auc_std", "acc_mean", "acc_std")},
-        "trtr": {k: ev["trtr"][k] for k in ("auc_mean", "auc_std", "acc_mean", "acc_std")},
+        "tstr": classifier_scores(ev["tstr"]),
+        "trtr": classifier_scores(ev["trtr"]),
         "frechet": ev["frechet"],
         "generator_rounds": summary.get("generator_rounds"),
         "last_round_alone": last_round_alone(out),
         "output": str(out),
     }
+
+
+def classifier_scores(evaluation: dict) -> dict:
+    """The figures of a TSTR or TRTR result that the benchmark keeps."""
+    return {k: evaluation[k] for k in ("auc_mean", "auc_std", "acc_mean", "acc_std")}
 
 
 def last_round_alone(out: Path) -> dict | None:
@@ -93,6 +98,7 @@ def last_round_alone(out: Path) -> dict | None:
     several rounds adds, measured on the same training run. None if it used one round."""
     from fedtwin.server.strategy import read_history, recent_global_models
 
+    from fedtwin.data import pooled_train
     from fedtwin.demo import load_real_data, simulate_hospitals
     from fedtwin.metrics import evaluate_twin
     from fedtwin.models import build_model
@@ -104,20 +110,19 @@ def last_round_alone(out: Path) -> dict | None:
         return None
     cfg = manifest["config"]
     train, val, _ = load_real_data(cfg)
-    hospitals = simulate_hospitals(cfg, train)
-    real = (np.concatenate([h.train.images for h in hospitals]),
-            np.concatenate([h.train.labels for h in hospitals]))  # fmt: skip
+    real = pooled_train(simulate_hospitals(cfg, train))
     [(done, weights)] = recent_global_models(out, read_history(out), 1)
     with np.load(out / "twin" / "images.npz") as npz:
         labels = npz["train_labels"][:, 0].astype(np.int64)
-    model = build_model(cfg["model"], len(cfg["data"]["classes"]), int(cfg["data"]["image_size"]))
+    n_classes = len(cfg["data"]["classes"])
+    model = build_model(cfg["model"], n_classes, int(cfg["data"]["image_size"]))
     set_weights(model, weights)
-    images = generate(model.eval(), labels, int(cfg["seed"]))
-    ev = evaluate_twin((images, labels), real, (val.images, val.labels), cfg["eval"],
-                       n_classes=len(cfg["data"]["classes"]))  # fmt: skip
+    images = generate(model, labels, int(cfg["seed"]))
+    twin, real, val = (images, labels), (real.images, real.labels), (val.images, val.labels)
+    ev = evaluate_twin(twin, real, val, cfg["eval"], n_classes=n_classes)
     return {
         "round": done,
-        "tstr": {k: ev["tstr"][k] for k in ("auc_mean", "auc_std", "acc_mean", "acc_std")},
+        "tstr": classifier_scores(ev["tstr"]),
         "frechet_twin_vs_val": ev["frechet"]["twin_vs_val"],
     }
 

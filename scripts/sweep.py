@@ -44,7 +44,7 @@ def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val) -> dict:
     for weights in recent:
         model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
         set_weights(model, weights)
-        models.append(model.eval())
+        models.append(model)
     images = generate_from_rounds(models, labels, seed=0)
     aucs = []
     for seed in (0, 1):

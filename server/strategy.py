@@ -152,13 +152,16 @@ def describe_round(entry: dict) -> str:
 
 def save_checkpoint(out: Path, server_round: int, arrays: ArrayRecord, rounds: list[dict]) -> Path:
     """Write ``checkpoints/round-NNN.pt`` and ``history.json`` atomically (temp + rename)."""
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"round-{server_round:03d}.pt"
+    path = checkpoint_path(out, server_round)
+    path.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: torch.from_numpy(v) for k, v in messages.from_record(arrays).items()}
     _atomic(path, lambda p: torch.save({"round": server_round, "weights": weights}, p))
     write_json(out / "history.json", {"rounds": rounds})
     return path
+
+
+def checkpoint_path(out: Path, server_round: int) -> Path:
+    return Path(out) / "checkpoints" / f"round-{server_round:03d}.pt"
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -186,7 +189,7 @@ def recent_global_models(out: Path, history: list[dict], n: int) -> list[tuple[i
     made = sorted({int(e["round"]) for e in history if e["hospitals"]})
     models = []
     for rnd in made[-n:]:
-        path = Path(out) / "checkpoints" / f"round-{rnd:03d}.pt"
+        path = checkpoint_path(out, rnd)
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} is missing: round {rnd} made a global model, but its checkpoint is "
