@@ -5,6 +5,8 @@
 - Fréchet distance between Gaussians fitted to features of the penultimate layer of a CNN
   trained on real training images. Not Inception FID: Inception features say little about
   28 x 28 chest X-rays. Its floor is the distance between real train and real val.
+- Precision, recall, density and coverage (``fedtwin.manifold``) in the same features,
+  against val, with real train against val as the ceiling. Coverage is what shows collapse.
 
 Images are uint8 ``(N, H, W)``; labels int ``(N,)``.
 """
@@ -22,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
+from fedtwin.manifold import manifold_report
 from fedtwin.training import to_tensor
 
 Data = tuple[np.ndarray, np.ndarray]  # images uint8 (N, H, W), labels (N,)
@@ -197,10 +200,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(value, 0.0))
 
 
-def frechet_report(
+def fidelity_report(
     twin: Data, real_train: Data, val: Data, eval_cfg: Mapping, n_classes: int, progress=False
-) -> dict[str, Any]:
-    """Twin vs val and vs train, with real train vs val as the floor; per class too."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fréchet distances (twin vs val and vs train, with real train vs val as the floor) and
+    precision/recall/density/coverage against val (``fedtwin.manifold``, real train vs val
+    beside them as the ceiling), overall and per class, in one feature space."""
     model = train_classifier(
         *real_train,
         n_classes,
@@ -217,19 +222,29 @@ def frechet_report(
         t, v = f_twin[twin[1] == c], f_val[val[1] == c]
         if len(t) >= 2 and len(v) >= 2:
             per_class[str(c)] = frechet_distance(t, v)
-    return {
+    frechet = {
         "feature_space": FEATURE_SPACE,
         "twin_vs_val": frechet_distance(f_twin, f_val),
         "twin_vs_train": frechet_distance(f_twin, f_train),
         "train_vs_val_floor": frechet_distance(f_train, f_val),
         "per_class_twin_vs_val": per_class,
     }
+    manifold = manifold_report(
+        (f_val, val[1]),
+        (f_twin, twin[1]),
+        (f_train, real_train[1]),
+        n_classes=n_classes,
+        seed=int(eval_cfg["seeds"][0]),
+    )
+    return frechet, {"feature_space": FEATURE_SPACE, **manifold}
 
 
 def evaluate_twin(
     twin: Data, real_train: Data, val: Data, eval_cfg: Mapping, *, n_classes: int, progress=False
 ) -> dict[str, Any]:
-    """TSTR, TRTR and Fréchet distances of a twin; see the module docstring."""
+    """TSTR, TRTR, Fréchet distances and PRDC of a twin; see the module docstring."""
     result = tstr_trtr(twin, real_train, val, eval_cfg, n_classes, progress)
-    result["frechet"] = frechet_report(twin, real_train, val, eval_cfg, n_classes, progress)
+    result["frechet"], result["manifold"] = fidelity_report(
+        twin, real_train, val, eval_cfg, n_classes, progress
+    )
     return result
