@@ -135,6 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="the consortium's Ed25519 public key: only twins it signed are accepted",
     )
+    serve.add_argument(
+        "--streams-per-peer",
+        type=_positive(int),
+        default=8,
+        help="pulls and publishes one certificate may have open at once (default 8)",
+    )
+    serve.add_argument(
+        "--stall-timeout",
+        type=_positive(float),
+        default=60.0,
+        help="seconds a pull or publish may move no data before it is ended (default 60)",
+    )
     cpub = csub.add_parser("publish", parents=[conn], help="upload a signed twin (operator)")
     cpub.add_argument("twin", type=Path, help="twin directory")
     cpub.add_argument("--name", required=True, help="catalog name, e.g. pneumonia-twin")
@@ -159,13 +171,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError's text names the file
         print(f"fedtwin {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
 def _env_path(name: str) -> Path | None:
     return Path(os.environ[name]) if os.environ.get(name) else None
+
+
+def _positive(kind: type):
+    """An argparse type: a positive ``kind`` (int or float)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+        return value
+
+    return parse
 
 
 def _rate(text: str) -> float:
@@ -296,6 +323,8 @@ def _rpc_error(command: str, e) -> int:
             " (is the catalog running at that address, and are --ca/--cert/--key from the "
             "consortium's PKI?)"
         )
+    elif e.code() == grpc.StatusCode.CANCELLED and command == "pull":
+        hint = " (the catalog ends a pull that takes no data for a while; run it again to resume)"
     print(f"fedtwin {command}: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
     return 3
 
@@ -331,6 +360,8 @@ def cmd_catalog(args) -> int:
             cert=args.pki / f"{args.name}.pem",
             key=args.pki / f"{args.name}.key",
             signing_key=load_public_key(args.signing_key),
+            streams_per_peer=args.streams_per_peer,
+            stall_s=args.stall_timeout,
         )
         return 0
     from fedtwin.catalog.client import publish
