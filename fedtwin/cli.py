@@ -48,10 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--holdout", type=float, default=0.2, help="holdout fraction per hospital")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--out", required=True, type=Path)
+    make.add_argument(
+        "--force", action="store_true", help="replace hospital-N archives already in --out"
+    )
 
     ingest = sub.add_parser("ingest", help="read a DICOM folder or .npz the way a client does")
     ingest.add_argument("path", type=Path)
-    ingest.add_argument("--image-size", type=int, default=28)
+    ingest.add_argument("--image-size", type=_positive(int), default=28)
+    ingest.add_argument(
+        "--classes", type=_positive(int), help="number of classes (default: data.classes)"
+    )
 
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="action", required=True)
@@ -242,7 +248,14 @@ def cmd_hospitals(args) -> int:
     from fedtwin.dicom import make_hospital_archives
 
     dirs = make_hospital_archives(
-        args.source, args.hospitals, args.partition, args.alpha, args.holdout, args.seed, args.out
+        args.source,
+        args.hospitals,
+        args.partition,
+        args.alpha,
+        args.holdout,
+        args.seed,
+        args.out,
+        replace=args.force,
     )
     for d in dirs:
         print(d)
@@ -250,9 +263,11 @@ def cmd_hospitals(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from fedtwin.dicom import ingest
+    from fedtwin.config import load_config
+    from fedtwin.ingest import ingest
 
-    result = ingest(args.path, args.image_size, progress=True)
+    n_classes = args.classes or len(load_config()["data"]["classes"])
+    result = ingest(args.path, args.image_size, progress=True, n_classes=n_classes)
     print(result.summary())
     for name, reason in result.skipped:
         print(f"  skipped {name}: {reason}")
