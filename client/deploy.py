@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from fedtwin.client.client_app import ledger_from_node_config, make_client_app
 from flwr.app import Context
 
-from fedtwin.config import config_from_run
+from fedtwin.config import check_config, config_from_run
 
 if TYPE_CHECKING:
     from fedtwin.data import Hospital
@@ -52,7 +52,9 @@ def hospital_config(context: Context) -> dict:
         "epsilon": float(node["epsilon"]),
         "delta": float(node.get("delta", cfg["privacy"]["delta"])),
     }
-    return {**cfg, "privacy": privacy}
+    cfg = {**cfg, "privacy": privacy}
+    check_config(cfg)  # the node's own budget too
+    return cfg
 
 
 def load_site(context: Context) -> Hospital:

@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     lsub = ledger.add_subparsers(dest="action", required=True)
     lshow = lsub.add_parser("show", help="every release, the epsilon spent, refusals")
     lshow.add_argument("path", type=Path, help="the ledger (SQLite file)")
-    lshow.add_argument("--budget", type=float, help="the hospital's epsilon budget, to compare")
+    lshow.add_argument(
+        "--budget", type=_positive(float), help="the hospital's epsilon budget, to compare"
+    )
     lshow.add_argument("--delta", type=float, help="default: the delta it was recorded at")
 
     conn = argparse.ArgumentParser(add_help=False)
@@ -353,9 +355,15 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_ledger(args) -> int:
+    import sqlite3
+
     from fedtwin.ledger import Ledger
 
-    print(Ledger.existing(args.path, args.delta).describe(args.budget))
+    ledger = Ledger.existing(args.path, args.delta)  # read-only
+    try:
+        print(ledger.describe(args.budget))
+    except sqlite3.Error as e:
+        raise ValueError(f"{args.path}: cannot read the ledger ({e})") from None
     return 0
 
 
