@@ -367,11 +367,11 @@ def test_stalled_pulls_of_one_researcher_leave_the_catalog_to_the_others(world, 
             call.cancel()
 
 
-@pytest.fixture
-def strict_server(world, big_twin, tmp_path):
+@pytest.fixture(scope="module")
+def strict_server(world, big_twin):
     """A catalog that cancels a stream after 3 s without data and allows 2 per certificate,
     with a stale upload left in its incoming/ folder before it starts."""
-    root = tmp_path / "strict-store"
+    root = world / "strict-store"
     (root / "incoming").mkdir(parents=True)
     (root / "incoming" / "tmpkilled").write_bytes(b"half an upload")
     proc, address = start_server(world, root, "--stall-timeout", "3", "--streams-per-peer", "2")
@@ -398,6 +398,15 @@ def test_stalled_pull_is_cancelled_and_frees_its_place(world, strict_server):
     finally:
         for call, _ in calls:
             call.cancel()
+
+
+def test_finished_pulls_give_their_place_back(world, strict_server, tmp_path):
+    _, address = strict_server
+    twin = make_twin(tmp_path / "small", n=3)
+    sign_twin(twin, load_signing_key(world / "keys" / "signing.pem"))
+    publish(stub(world, address, "op"), twin, "small", "1")
+    for i in range(4):  # twice the two pulls bob may have open at once
+        assert pull(stub(world, address, "bob"), "small", "1", tmp_path / f"pull-{i}").ok
 
 
 def test_unfinished_uploads_are_removed_when_the_catalog_starts(strict_server):
@@ -455,7 +464,7 @@ BAD_MANIFESTS = {
     "file-and-folder": {"files": {"a": "x", "a/b": "y"}},
     "signature": {"files": {"manifest.sig": "x"}},
     "parent": {"files": {"../x": "x"}},
-    "absolute": {"files": {"/tmp/x": "x"}},
+    "absolute": {"files": {"/etc/outside": "x"}},
     "size-text": {"size": "many"},
     "epsilon-list": {"privacy": {"dp": True, "epsilon_per_hospital": {"h0": [1]}}},
     "privacy-list": {"privacy": []},

@@ -4,6 +4,7 @@ file; the gate signs only twins that passed the audit or were overridden on the 
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import numpy as np
@@ -218,7 +219,10 @@ def test_symbolic_links_and_extra_folders_are_problems(tmp_path, key_path):
     (twin / "audit.json").symlink_to(outside)  # same bytes, but not inside the twin
     (twin / "empty-folder").mkdir()
     (twin / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    os.mkfifo(twin / "pipe")  # would block a reader forever: never opened
+    signed_listing(twin, key_path, listed(twin) | {"pipe": "0" * 64})
     problems = verify_twin(twin, load_public_key(public_key_path(key_path))).problems
     assert "audit.json: a symbolic link; a twin holds plain files only" in problems
     assert "elsewhere: a symbolic link; a twin holds plain files only" in problems
     assert "empty-folder/: a folder the manifest does not list" in problems
+    assert "pipe: not a plain file; a twin holds plain files only" in problems

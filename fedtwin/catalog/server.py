@@ -291,6 +291,20 @@ def serve(
         require_client_auth=True,
     )
     store = CatalogStore(root)
+    try:
+        _serve(store, address, credentials, signing_key, guard, workers)
+    finally:
+        store.close()
+
+
+def _serve(
+    store: CatalogStore,
+    address: str,
+    credentials: grpc.ServerCredentials,
+    signing_key: Ed25519PublicKey,
+    guard: StreamGuard,
+    workers: int,
+) -> None:
     # gRPC shares a port with any other process that asks (SO_REUSEPORT) unless told not to:
     # two catalogs would then split the requests between them at random.
     options = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
@@ -311,11 +325,10 @@ def serve(
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print(f"catalog serving {root} on {host}:{port} (mutual TLS)", flush=True)
+    print(f"catalog serving {store.root} on {host}:{port} (mutual TLS)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     health_servicer.enter_graceful_shutdown()
     server.stop(grace=5).wait()
-    store.close()
