@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from fedtwin.client.client_app import ledger_from_node_config, make_client_app
 from flwr.app import Context
 
-from fedtwin.config import config_from_run
+from fedtwin.config import check_config, config_from_run
 
 if TYPE_CHECKING:
     from fedtwin.data import Hospital
@@ -52,7 +52,9 @@ def hospital_config(context: Context) -> dict:
         "epsilon": float(node["epsilon"]),
         "delta": float(node.get("delta", cfg["privacy"]["delta"])),
     }
-    return {**cfg, "privacy": privacy}
+    cfg = {**cfg, "privacy": privacy}
+    check_config(cfg)  # the node's own budget too
+    return cfg
 
 
 def load_site(context: Context) -> Hospital:
@@ -62,18 +64,21 @@ def load_site(context: Context) -> Hospital:
         str(node.get("name", "")),
         int(cfg["data"]["image_size"]),
         float(cfg["federation"]["holdout_fraction"]),
+        n_classes=len(cfg["data"]["classes"]),
     )
 
 
 @functools.lru_cache(maxsize=2)
-def load_archive(data: str, name: str, image_size: int, holdout_fraction: float) -> Hospital:
+def load_archive(
+    data: str, name: str, image_size: int, holdout_fraction: float, n_classes: int | None = None
+) -> Hospital:
     """The hospital's images and its fixed holdout (the same at every start)."""
     from fedtwin.data import load_npz, split_hospital  # imported by the messages that need
-    from fedtwin.dicom import ingest  # the images, not by SecAgg+'s key messages
+    from fedtwin.ingest import ingest  # the images, not by SecAgg+'s key messages
 
     path = Path(data)
     if path.is_dir():
-        result = ingest(path, image_size)
+        result = ingest(path, image_size, n_classes=n_classes)
         print(f"fedtwin: {result.summary()}", file=sys.stderr)
         info_path = path / "hospital.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}

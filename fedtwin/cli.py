@@ -48,10 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--holdout", type=float, default=0.2, help="holdout fraction per hospital")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--out", required=True, type=Path)
+    make.add_argument(
+        "--force", action="store_true", help="replace hospital-N archives already in --out"
+    )
 
     ingest = sub.add_parser("ingest", help="read a DICOM folder or .npz the way a client does")
     ingest.add_argument("path", type=Path)
-    ingest.add_argument("--image-size", type=int, default=28)
+    ingest.add_argument("--image-size", type=_positive(int), default=28)
+    ingest.add_argument(
+        "--classes", type=_positive(int), help="number of classes (default: data.classes)"
+    )
 
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="action", required=True)
@@ -98,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     lsub = ledger.add_subparsers(dest="action", required=True)
     lshow = lsub.add_parser("show", help="every release, the epsilon spent, refusals")
     lshow.add_argument("path", type=Path, help="the ledger (SQLite file)")
-    lshow.add_argument("--budget", type=float, help="the hospital's epsilon budget, to compare")
+    lshow.add_argument(
+        "--budget", type=_positive(float), help="the hospital's epsilon budget, to compare"
+    )
     lshow.add_argument("--delta", type=float, help="default: the delta it was recorded at")
 
     conn = argparse.ArgumentParser(add_help=False)
@@ -135,6 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="the consortium's Ed25519 public key: only twins it signed are accepted",
     )
+    serve.add_argument(
+        "--streams-per-peer",
+        type=_positive(int),
+        default=8,
+        help="pulls and publishes one certificate may have open at once (default 8)",
+    )
+    serve.add_argument(
+        "--stall-timeout",
+        type=_positive(float),
+        default=60.0,
+        help="seconds a pull or publish may move no data before it is ended (default 60)",
+    )
     cpub = csub.add_parser("publish", parents=[conn], help="upload a signed twin (operator)")
     cpub.add_argument("twin", type=Path, help="twin directory")
     cpub.add_argument("--name", required=True, help="catalog name, e.g. pneumonia-twin")
@@ -159,13 +179,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError's text names the file
         print(f"fedtwin {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 
 def _env_path(name: str) -> Path | None:
     return Path(os.environ[name]) if os.environ.get(name) else None
+
+
+def _positive(kind: type):
+    """An argparse type: a positive ``kind`` (int or float)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+        return value
+
+    return parse
 
 
 def _rate(text: str) -> float:
@@ -215,7 +250,14 @@ def cmd_hospitals(args) -> int:
     from fedtwin.dicom import make_hospital_archives
 
     dirs = make_hospital_archives(
-        args.source, args.hospitals, args.partition, args.alpha, args.holdout, args.seed, args.out
+        args.source,
+        args.hospitals,
+        args.partition,
+        args.alpha,
+        args.holdout,
+        args.seed,
+        args.out,
+        replace=args.force,
     )
     for d in dirs:
         print(d)
@@ -223,9 +265,11 @@ def cmd_hospitals(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from fedtwin.dicom import ingest
+    from fedtwin.config import load_config
+    from fedtwin.ingest import ingest
 
-    result = ingest(args.path, args.image_size, progress=True)
+    n_classes = args.classes or len(load_config()["data"]["classes"])
+    result = ingest(args.path, args.image_size, progress=True, n_classes=n_classes)
     print(result.summary())
     for name, reason in result.skipped:
         print(f"  skipped {name}: {reason}")
@@ -296,6 +340,8 @@ def _rpc_error(command: str, e) -> int:
             " (is the catalog running at that address, and are --ca/--cert/--key from the "
             "consortium's PKI?)"
         )
+    elif e.code() == grpc.StatusCode.CANCELLED and command == "pull":
+        hint = " (the catalog ends a pull that takes no data for a while; run it again to resume)"
     print(f"fedtwin {command}: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
     return 3
 
@@ -309,9 +355,15 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_ledger(args) -> int:
+    import sqlite3
+
     from fedtwin.ledger import Ledger
 
-    print(Ledger.existing(args.path, args.delta).describe(args.budget))
+    ledger = Ledger.existing(args.path, args.delta)  # read-only
+    try:
+        print(ledger.describe(args.budget))
+    except sqlite3.Error as e:
+        raise ValueError(f"{args.path}: cannot read the ledger ({e})") from None
     return 0
 
 
@@ -331,6 +383,8 @@ def cmd_catalog(args) -> int:
             cert=args.pki / f"{args.name}.pem",
             key=args.pki / f"{args.name}.key",
             signing_key=load_public_key(args.signing_key),
+            streams_per_peer=args.streams_per_peer,
+            stall_s=args.stall_timeout,
         )
         return 0
     from fedtwin.catalog.client import publish

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import math
 import os
 import urllib.error
 import urllib.request
@@ -42,6 +43,7 @@ _MAX_DIRICHLET_DRAWS = 1000
 _DOWNLOAD_TIMEOUT_S = 60
 # ITU-R BT.601 luma weights: the usual RGB -> grey conversion.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+_RESIZE_PIXELS = 64 << 20  # source pixels resized at a time (256 MiB as float32)
 
 
 class DataError(ValueError):
@@ -87,7 +89,7 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     Non-square images are centre-cropped to a square first, as MedMNIST did, so anatomy is
     not stretched. Resizing is bilinear with antialiasing (no aliasing when shrinking).
     """
-    _, h, w = images.shape
+    n, h, w = images.shape
     if (h, w) == (size, size):
         return images
     side = min(h, w)
@@ -95,9 +97,15 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     square = images[:, top : top + side, left : left + side]
     if side == size:
         return np.ascontiguousarray(square)
-    x = torch.from_numpy(np.ascontiguousarray(square)).float().unsqueeze(1)
-    y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return y.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
+    out = np.empty((n, size, size), np.uint8)
+    step = max(1, _RESIZE_PIXELS // (side * side))  # bounds the float copies torch makes
+    for start in range(0, n, step):
+        x = torch.from_numpy(np.ascontiguousarray(square[start : start + step])).float()
+        y = F.interpolate(
+            x.unsqueeze(1), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        out[start : start + step] = y.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
+    return out
 
 
 def load_npz(path: str | Path, split: str = "train") -> Split:
@@ -113,11 +121,15 @@ def load_npz(path: str | Path, split: str = "train") -> Split:
         raise DataError(f"{path}: not an .npz (zip) file; expected a MedMNIST-format .npz")
     wanted = (f"{split}_images", f"{split}_labels")
     try:
+        _check_array_sizes(path, wanted)
         with np.load(path, allow_pickle=False) as npz:
             keys = sorted(npz.files)
             arrays = {k: npz[k] for k in wanted if k in keys}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: cannot read the .npz ({e}); check or re-create the file") from e
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as e:
+        if isinstance(e, DataError):
+            raise
+        reason = str(e) or type(e).__name__
+        raise DataError(f"{path}: cannot read the .npz ({reason}); check or re-create it") from e
     missing = [k for k in wanted if k not in arrays]
     if missing:
         raise DataError(
@@ -126,6 +138,36 @@ def load_npz(path: str | Path, split: str = "train") -> Split:
         )
     images, labels = arrays[wanted[0]], arrays[wanted[1]]
     return Split(_check_images(path, split, images), _check_labels(path, split, labels, images))
+
+
+def _check_array_sizes(path: Path, keys: tuple[str, ...]) -> None:
+    """Refuse, before reading, an array whose header declares more bytes than its zip member
+    holds, or more than half this machine's memory (numpy allocates what it declares)."""
+    limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: info for info in archive.infolist()}
+        for key in keys:
+            info = members.get(f"{key}.npy")
+            if info is None:
+                continue
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                header = f.tell()
+            declared = math.prod(shape) * dtype.itemsize
+            if declared > limit:
+                raise DataError(
+                    f"{path}: {key} declares an array of shape {shape} ({declared / 2**30:.1f} "
+                    f"GiB), more than half of this machine's memory; use a smaller file"
+                )
+            if not dtype.hasobject and declared != info.file_size - header:
+                raise DataError(
+                    f"{path}: {key} declares {declared} bytes of data but holds "
+                    f"{info.file_size - header}; the file is damaged, re-create it"
+                )
 
 
 def _check_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:

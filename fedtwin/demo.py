@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedtwin.config import check_federation, resolve_device
+from fedtwin.config import check_config, resolve_device
 from fedtwin.data import (
     Hospital,
     Split,
@@ -91,7 +91,7 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
     from fedtwin.server.publish import final_epsilons
     from fedtwin.server.strategy import read_history
 
-    check_federation(cfg)
+    check_config(cfg)
     start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,7 @@
-"""DICOM for fedtwin: write images (hospital test archives, synthetic twins), read archives back.
+"""DICOM for fedtwin: write images (hospital test archives, synthetic twins).
 
 An archive is ``DIR/dicom/*.dcm`` plus ``DIR/labels.csv`` (header ``file,label``, file
-relative to ``DIR/dicom``). ``ingest`` turns an archive, or a MedMNIST npz, into a ``Split``;
-a file it cannot use is skipped with a reason, never fatal. Its choices: multi-frame files
-are skipped (the label belongs to the whole file, and no single frame of a cine or volume
-stands for it); colour (RGB, YBR, palette) becomes grey (BT.601 luma); 8-bit MONOCHROME2
-without rescale, LUT or window keeps its pixels exactly; anything else goes modality LUT ->
-VOI LUT/window -> MONOCHROME1 inversion -> per-image min-max to 0..255.
+relative to ``DIR/dicom``); ``fedtwin.ingest`` reads one back.
 """
 
 from __future__ import annotations
@@ -14,29 +9,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
-import warnings
-from collections import Counter
-from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from tqdm import tqdm
 
-from fedtwin.data import (
-    LUMA_WEIGHTS,
-    DataError,
-    Split,
-    empty_split,
-    load_npz,
-    make_hospitals,
-    resize_images,
-)
+from fedtwin.data import Split, load_npz, make_hospitals
 
 SYNTHETIC_STATEMENT = "fedtwin synthetic image - not a real patient"
 # The class label also travels inside each file, in a private block, so a lone .dcm from a
@@ -44,7 +26,6 @@ SYNTHETIC_STATEMENT = "fedtwin synthetic image - not a real patient"
 PRIVATE_GROUP = 0x0011
 PRIVATE_CREATOR = "fedtwin"
 _LABEL_ELEMENT = 0x01
-_MAX_REASON = 160  # keeps skip reasons (and logs built from them) readable
 # Type 2 attributes of the SC IOD: present, deliberately empty (no dates, no people).
 _EMPTY_TYPE2 = (
     "PatientBirthDate PatientSex StudyDate StudyTime ReferringPhysicianName StudyID "
@@ -193,6 +174,8 @@ def make_hospital_archives(
     seed: int,
     out: Path,
     progress: bool = True,
+    *,
+    replace: bool = False,
 ) -> list[Path]:
     """Split the train split of a MedMNIST npz into hospitals and write one archive each.
 
@@ -201,13 +184,29 @@ def make_hospital_archives(
     re-derives it with ``fedtwin.data.split_hospital(name, ingested, holdout_fraction,
     holdout_seed)``, where ``holdout_seed`` is in hospital.json; since sorted file names
     give the write order, that reproduces ``make_hospitals`` exactly.
+
+    An archive folder that exists already is refused (FileExistsError), or with
+    ``replace=True`` deleted first.
     """
     source, out = Path(source), Path(out)
+    existing = [out / f"hospital-{i}" for i in range(n_hospitals)]
+    existing = [d for d in existing if d.exists() or d.is_symlink()]
+    if existing and not replace:
+        raise FileExistsError(
+            f"{existing[0]} exists (an archive from an earlier run?); choose another --out, "
+            f"or pass --force to replace {len(existing)} existing archive(s)"
+        )
     data = load_npz(source, "train")
     source_sha = hashlib.sha256(source.read_bytes()).hexdigest()
     n_classes = int(data.labels.max()) + 1 if len(data) else 0
+    hospitals = make_hospitals(data, n_hospitals, scheme, alpha, holdout_fraction, seed)
+    for d in existing:  # only once the new archives can be made
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d)
+        else:
+            d.unlink()
     dirs = []
-    for i, h in enumerate(make_hospitals(data, n_hospitals, scheme, alpha, holdout_fraction, seed)):
+    for i, h in enumerate(hospitals):
         hospital_dir = out / h.name
         all_images = data.subset(h.rows)
         write_archive(all_images, hospital_dir, h.name, progress=progress)
@@ -229,171 +228,3 @@ def make_hospital_archives(
         (hospital_dir / "hospital.json").write_text(json.dumps(info, indent=2) + "\n")
         dirs.append(hospital_dir)
     return dirs
-
-
-# --- ingest -----------------------------------------------------------------------------
-
-
-@dataclass
-class IngestResult:
-    """What ``ingest`` read: ``data`` ``(N, S, S)``, and every file it skipped with why."""
-
-    data: Split
-    used: int
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    source: str = ""
-
-    def summary(self) -> str:
-        """One line, e.g. ``ingested 935 images from DIR; skipped 3: 2 no pixel data, ...``."""
-        text = f"ingested {self.used} images from {self.source or 'archive'}"
-        if not self.skipped:
-            return text
-        kinds = Counter(reason.split(":")[0] for _, reason in self.skipped)
-        example = {r.split(":")[0]: f"{n}: {r}" for n, r in reversed(self.skipped)}
-        parts = [f"{count} {kind} (e.g. {example[kind]})" for kind, count in kinds.most_common()]
-        return f"{text}; skipped {len(self.skipped)}: " + ", ".join(parts)
-
-
-class _Skip(Exception):
-    """A file that cannot be used; the message is the skip reason."""
-
-
-def ingest(path: Path, image_size: int, progress: bool = False) -> IngestResult:
-    """Read a hospital's images: a MedMNIST ``.npz`` (train split) or a DICOM archive folder.
-
-    Images come back ``(N, image_size, image_size)`` uint8, rows sorted by file name.
-    """
-    path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".npz":
-        data = load_npz(path, "train")
-        data = Split(resize_images(data.images, image_size), data.labels)
-        return IngestResult(data, len(data), [], str(path))
-    if not path.is_dir():
-        raise DataError(
-            f"{path}: expected a MedMNIST .npz file or a folder with labels.csv and dicom/"
-        )
-    labels_csv = path / "labels.csv"
-    if not labels_csv.is_file():
-        raise DataError(
-            f"{labels_csv}: missing; an archive folder needs labels.csv with header "
-            "'file,label' (file relative to dicom/, label a class id 0, 1, ...)"
-        )
-    image_dir = path / "dicom" if (path / "dicom").is_dir() else path
-    rows = _read_labels(labels_csv)
-    on_disk = {p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*") if p.is_file()}
-    if image_dir == path:
-        on_disk -= {"labels.csv", "hospital.json"}
-    skipped = [(n, "not listed in labels.csv") for n in sorted(on_disk - set(rows))]
-
-    images, labels = [], []
-    for name in tqdm(sorted(rows), desc="ingest", unit="file", disable=not progress):
-        try:
-            if len(rows[name]) > 1:
-                raise _Skip(f"bad label: labels.csv gives it {sorted(rows[name])}")
-            (text,) = rows[name]
-            if not re.fullmatch(r"\d+", text):
-                raise _Skip(f"bad label: {text[:20]!r} is not a class id 0, 1, ...")
-            file = (image_dir / name).resolve()
-            if not file.is_relative_to(image_dir.resolve()):
-                raise _Skip("bad path: outside the archive folder")
-            if not file.is_file():
-                raise _Skip("missing on disk")
-            images.append(_read_image(file, image_size))
-            labels.append(int(text))
-        except _Skip as e:
-            skipped.append((name, str(e)))
-    data = (
-        Split(np.stack(images), np.array(labels, np.int64)) if images else empty_split(image_size)
-    )
-    return IngestResult(data, len(data), sorted(skipped), str(path))
-
-
-def _read_labels(labels_csv: Path) -> dict[str, set[str]]:
-    """File name -> the label texts given for it (more than one = a conflict)."""
-    # utf-8-sig: spreadsheets often save CSV with a byte-order mark.
-    with open(labels_csv, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        if "file" not in header or "label" not in header:
-            raise DataError(
-                f"{labels_csv}: header is {header}; expected 'file,label' "
-                "(file relative to dicom/, label a class id 0, 1, ...)"
-            )
-        reader.fieldnames = header
-        rows: dict[str, set[str]] = {}
-        for row in reader:
-            # Normalised ("./a.dcm" -> "a.dcm") to match the names found on disk.
-            name = Path((row["file"] or "").strip()).as_posix()
-            if name != ".":
-                rows.setdefault(name, set()).add((row["label"] or "").strip())
-    return rows
-
-
-def _read_image(file: Path, image_size: int) -> np.ndarray:
-    """One DICOM file as an ``(image_size, image_size)`` uint8 image; raises _Skip."""
-    try:
-        with warnings.catch_warnings():
-            # pydicom warns about many harmless oddities; a skip reason is what a user needs.
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(file)
-            image = _to_uint8(ds)
-    except _Skip:
-        raise
-    except InvalidDicomError as e:
-        # pydicom's own message suggests force=True, which is no advice for a user.
-        raise _Skip("not DICOM: no Part-10 header (128-byte preamble and 'DICM')") from e
-    except Exception as e:  # any failure on one file must only skip it
-        raise _Skip(_reason("unreadable", e)) from e
-    return resize_images(image[None], image_size)[0]
-
-
-def _reason(kind: str, e: Exception) -> str:
-    message = " ".join(str(e).split())
-    return f"{kind}: {type(e).__name__}: {message}"[:_MAX_REASON]
-
-
-def _to_uint8(ds: Dataset) -> np.ndarray:
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise _Skip("no pixel data")
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if frames > 1:
-        raise _Skip(f"multi-frame: {frames} frames; fedtwin needs one 2D image per file")
-    try:
-        arr = ds.pixel_array
-    except Exception as e:  # missing decoder plugins raise various types
-        raise _Skip(_reason("cannot decode", e)) from e
-    if _is_plain_8bit(ds):
-        return arr  # already fedtwin's format: keep the pixels exactly
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-    if arr.ndim == 3 and arr.shape[-1] == 3:
-        values = arr.astype(np.float64) @ LUMA_WEIGHTS
-    elif arr.ndim == 2:
-        values = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
-        if photometric == "MONOCHROME1":
-            values = -values  # MONOCHROME1 shows low values bright; fedtwin wants bright = dense
-    else:
-        raise _Skip(f"unsupported: pixel array of shape {arr.shape} ({photometric})")
-    return _min_max(values)
-
-
-def _is_plain_8bit(ds: Dataset) -> bool:
-    return (
-        ds.get("BitsAllocated") == 8
-        and ds.get("BitsStored") == 8
-        and ds.get("PixelRepresentation", 0) == 0
-        and ds.get("SamplesPerPixel", 1) == 1
-        and ds.get("PhotometricInterpretation") == "MONOCHROME2"
-        and float(ds.get("RescaleSlope", 1) or 1) == 1
-        and float(ds.get("RescaleIntercept", 0) or 0) == 0
-        and not any(k in ds for k in ("ModalityLUTSequence", "VOILUTSequence", "WindowCenter"))
-    )
-
-
-def _min_max(values: np.ndarray) -> np.ndarray:
-    values = np.nan_to_num(values.astype(np.float64))
-    low, high = values.min(), values.max()
-    if high <= low:
-        return np.zeros(values.shape, np.uint8)  # a flat image carries no contrast to keep
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)

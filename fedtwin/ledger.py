@@ -61,6 +61,14 @@ CREATE TABLE IF NOT EXISTS refusals (
 """
 
 
+# What ``fedtwin ledger show`` reads: a file without these is not a fedtwin ledger.
+_COLUMNS = {
+    "entries": {"id", "kind", "run", "round", "noise_multiplier", "sample_rate", "steps",
+                "epsilon", "delta", "at"},
+    "refusals": {"run", "round", "reason", "at"},
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Entry:
     id: int
@@ -96,32 +104,63 @@ def _now() -> str:
 
 
 class Ledger:
-    """One hospital's ledger file. Opening it makes it if needed; it is never truncated."""
+    """One hospital's ledger file. Opening it makes it if needed; it is never truncated.
 
-    def __init__(self, path: Path | str, delta: float, accountant: str = "rdp"):
+    ``read_only`` opens an existing ledger without writing anything, not even the journal
+    mode, and refuses a file that is not a fedtwin ledger (``fedtwin ledger show``).
+    """
+
+    def __init__(
+        self, path: Path | str, delta: float, accountant: str = "rdp", *, read_only: bool = False
+    ):
         self.path = Path(path)
-        self.delta, self.accountant = float(delta), accountant
+        self.delta, self.accountant, self.read_only = float(delta), accountant, read_only
+        if read_only:
+            self._check_tables()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db, db:
             db.executescript(SCHEMA)
 
     @classmethod
     def existing(cls, path: Path | str, delta: float | None = None) -> Ledger:
-        """Open a ledger that must exist (``fedtwin ledger show``); ``delta`` defaults to
-        the one its latest entry was recorded at."""
+        """Open a ledger that must exist, read-only (``fedtwin ledger show``); ``delta``
+        defaults to the one its latest entry was recorded at."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path}: no privacy ledger here (a hospital's ledger is the path its node "
                 f"config names as 'ledger'; the demo keeps them in <out>/ledgers/)"
             )
+        if delta is not None and not 0 < delta < 1:
+            raise ValueError(f"--delta {delta:g}: must lie between 0 and 1, e.g. 1e-5")
+        ledger = cls(path, 1e-5 if delta is None else delta, read_only=True)
         if delta is None:
-            with closing(sqlite3.connect(path)) as db:
+            with closing(ledger._connect()) as db:
                 row = db.execute("SELECT delta FROM entries ORDER BY id DESC LIMIT 1").fetchone()
-            delta = row[0] if row else 1e-5
-        return cls(path, delta)
+            if row is not None and not (isinstance(row[0], float) and 0 < row[0] < 1):
+                raise ValueError(f"{path}: its entries record delta {row[0]!r}; pass --delta")
+            ledger.delta = row[0] if row else ledger.delta
+        return ledger
+
+    def _check_tables(self) -> None:
+        """Raise ValueError unless the file is a fedtwin ledger (its tables and columns)."""
+        try:
+            with closing(self._connect()) as db:
+                for table, columns in _COLUMNS.items():
+                    found = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                    if not columns <= found:
+                        raise ValueError(
+                            f"{self.path}: not a fedtwin privacy ledger (no table {table!r} "
+                            f"with {', '.join(sorted(columns))}); nothing was changed"
+                        )
+        except sqlite3.Error as e:
+            raise ValueError(f"{self.path}: not a fedtwin privacy ledger ({e})") from None
 
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:  # the URI's mode=ro: SQLite itself refuses any write
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            return sqlite3.connect(uri, uri=True, timeout=30)
         db = sqlite3.connect(self.path, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the reply leaves

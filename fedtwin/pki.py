@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -28,6 +29,17 @@ from fedtwin.signing import write_private
 
 ROLES = ("operator", "hospital", "researcher")
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """A name that becomes a file stem in the PKI directory: never a path elsewhere."""
+    if not _NAME.match(name):
+        raise ValueError(
+            f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+            f"letter or digit (it names files in the PKI directory)"
+        )
+    return name
 
 
 def _refuse_existing(*paths: Path) -> None:
@@ -130,6 +142,7 @@ def _leaf(
     days: int,
 ) -> Path:
     directory = Path(directory)
+    check_name(name)
     ca_cert, ca_key = load_ca(directory)
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     _refuse_existing(cert_path, key_path)
@@ -182,6 +195,7 @@ def make_node_keys(directory: Path, hospital: str) -> tuple[Path, Path]:
     """A hospital's SuperNode authentication key pair (EC P-256, OpenSSH format): the
     private key stays at the hospital, the public key is registered at the SuperLink."""
     directory = Path(directory)
+    check_name(hospital)
     key = _new_key()
     private = key.private_bytes(
         serialization.Encoding.PEM,

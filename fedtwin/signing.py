@@ -4,6 +4,11 @@
 Ed25519 signature over the exact bytes of ``manifest.json``. Verifying a twin checks the
 signature (against the consortium's public key when one is given) and every file's hash,
 and names each file that does not match.
+
+Nothing outside the twin is trusted: a manifest may only list plain relative paths inside
+the twin (never absolute, never ``..``), it must list the twin's data, and a twin holds
+plain files and folders only: a symbolic link, or a file or folder the manifest does not
+list, is a problem.
 """
 
 from __future__ import annotations
@@ -12,14 +17,23 @@ import base64
 import hashlib
 import json
 import os
+import re
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
+REQUIRED_FILES = ("images.npz", "labels.csv")  # the twin's data (DESIGN.md's contract)
+# A manifest lists about 100 bytes per file: 32 MiB is some 300k files, more than a catalog
+# message holds. A larger manifest.json is not read.
+MAX_MANIFEST_BYTES = 32 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_PATH, _MAX_PART = 1024, 255  # what common file systems allow
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -113,8 +127,85 @@ class Verification:
         return not self.problems
 
 
+def check_twin_path(path: object) -> str:
+    """A file path from a manifest: a plain relative ``/``-separated path inside the twin.
+
+    Refused: absolute paths, ``.``, ``..`` and empty parts, backslashes, control characters,
+    names too long for a file system, and ``manifest.json``/``manifest.sig`` themselves.
+    """
+    if not isinstance(path, str):
+        raise ValueError(f"file {path!r}: a path must be a string")
+    parts = path.split("/")
+    if (
+        not path
+        or len(path) > _MAX_PATH
+        or path.startswith("/")
+        or "\\" in path
+        or any(ord(c) < 32 or ord(c) == 127 for c in path)
+        or any(part in ("", ".", "..") or len(part) > _MAX_PART for part in parts)
+        or PurePosixPath(path).as_posix() != path
+    ):
+        raise ValueError(f"file {path!r}: not a plain relative path inside the twin")
+    if path in (MANIFEST, SIGNATURE):
+        raise ValueError(f"file {path!r}: the manifest cannot list itself or its signature")
+    return path
+
+
+def manifest_files(manifest: object) -> dict[str, str]:
+    """The files a manifest lists, ``{path: sha256}``, after checking every entry.
+
+    Raises ValueError naming the first entry that is not a plain path inside the twin
+    (``check_twin_path``) with a lowercase hex sha256, a path listed both as a file and as a
+    folder (``a`` and ``a/b``), or a manifest without the twin's data (``REQUIRED_FILES``).
+    """
+    if not isinstance(manifest, dict):
+        raise ValueError("not a JSON object")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ValueError("'files' must be an object {path: sha256}")
+    for path, digest in files.items():
+        check_twin_path(path)
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ValueError(f"file {path!r}: sha256 must be 64 lowercase hex digits")
+    for path in sorted(folders_of(files) & set(files)):
+        raise ValueError(f"file {path!r}: listed both as a file and as a folder")
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        raise ValueError(f"'files' does not list the twin's {', '.join(missing)}")
+    return files
+
+
+def folders_of(paths: Iterable[str]) -> set[str]:
+    """The folders that hold ``paths``: ``{"a", "a/b"}`` for ``a/b/c``."""
+    return {p.rsplit("/", k)[0] for p in paths for k in range(1, p.count("/") + 1)}
+
+
+def _walk(twin_dir: Path) -> tuple[set[str], set[str], list[str]]:
+    """Plain files and folders under ``twin_dir`` (relative paths), and problems with anything
+    else: symbolic links, special files, unreadable folders. Links are never followed."""
+    files, folders, problems = set(), set(), []
+
+    def unreadable(e: OSError) -> None:
+        problems.append(f"{e.filename}: cannot be read ({e.strerror})")
+
+    for root, dirs, names in os.walk(twin_dir, onerror=unreadable):
+        for name in sorted(dirs + names):
+            path = Path(root) / name
+            rel = path.relative_to(twin_dir).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                problems.append(f"{rel}: a symbolic link; a twin holds plain files only")
+            elif stat.S_ISDIR(mode):
+                folders.add(rel)
+            elif stat.S_ISREG(mode):
+                files.add(rel)
+            else:
+                problems.append(f"{rel}: not a plain file; a twin holds plain files only")
+    return files, folders, problems
+
+
 def verify_twin(twin_dir: Path, public_key: Ed25519PublicKey | None = None) -> Verification:
-    """Check the signature over ``manifest.json`` and every file's sha256.
+    """Check the signature over ``manifest.json``, the paths it lists and every file's sha256.
 
     With ``public_key`` (the consortium's) the signature must be made by that key. Without,
     it is checked against the key named in ``manifest.sig``: that proves the files are as
@@ -125,17 +216,24 @@ def verify_twin(twin_dir: Path, public_key: Ed25519PublicKey | None = None) -> V
     twin_dir = Path(twin_dir)
     result = Verification()
     manifest_path, sig_path = twin_dir / MANIFEST, twin_dir / SIGNATURE
+    if not twin_dir.is_dir():
+        result.problems.append(f"{twin_dir}: no such folder")
+        return result
     if not manifest_path.is_file():
         result.problems.append(f"{MANIFEST}: missing in {twin_dir}")
+        return result
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        result.problems.append(f"{MANIFEST}: larger than {MAX_MANIFEST_BYTES >> 20} MiB")
         return result
     manifest_bytes = manifest_path.read_bytes()
     try:
         manifest = json.loads(manifest_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
         result.problems.append(f"{MANIFEST}: not valid JSON ({e})")
         manifest = {}
 
     gate = manifest.get("gate", {}) if isinstance(manifest, dict) else {}
+    gate = gate if isinstance(gate, dict) else {}
     if not sig_path.is_file():
         verdict = gate.get("audit_verdict", "unknown")
         result.problems.append(
@@ -151,18 +249,23 @@ def verify_twin(twin_dir: Path, public_key: Ed25519PublicKey | None = None) -> V
             f"({gate['override']!r}); see audit.json"
         )
 
-    files = manifest.get("files", {}) if isinstance(manifest, dict) else {}
+    try:
+        files = manifest_files(manifest)
+    except ValueError as e:
+        result.problems.append(f"{MANIFEST}: {e}")
+        files = {}
+    found, folders, problems = _walk(twin_dir)
+    result.problems += problems
     for rel, digest in sorted(files.items()):
-        path = twin_dir / rel
-        if not path.is_file():
+        if rel not in found:
             result.problems.append(f"{rel}: listed in the manifest but missing")
-        elif sha256_file(path) != digest:
+        elif sha256_file(twin_dir / rel) != digest:
             result.problems.append(f"{rel}: sha256 does not match the manifest")
         result.files_checked += 1
-    for path in sorted(p for p in twin_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(twin_dir).as_posix()
-        if rel not in files and rel not in (MANIFEST, SIGNATURE):
-            result.problems.append(f"{rel}: not listed in the manifest")
+    for rel in sorted(found - set(files) - {MANIFEST, SIGNATURE}):
+        result.problems.append(f"{rel}: not listed in the manifest")
+    for rel in sorted(folders - folders_of(files)):
+        result.problems.append(f"{rel}/: a folder the manifest does not list")
     return result
 
 

@@ -12,6 +12,7 @@ The training itself is ``train_and_publish``, the same as in the demo's simulati
 
 from __future__ import annotations
 
+import shlex
 from logging import INFO
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedtwin.config import config_from_run
+from fedtwin.config import check_config, config_from_run, load_config
 from fedtwin.jsonio import write_json
 
 server_app = ServerApp()
@@ -65,6 +66,7 @@ def write_app(directory: Path, out: Path, overrides: str = "") -> Path:
 
     if '"' in overrides or "\\" in overrides:
         raise ValueError("overrides: no double quotes or backslashes (use single quotes)")
+    check_config(load_config(shlex.split(overrides)))  # a mistake shows now, not at `flwr run`
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "pyproject.toml"

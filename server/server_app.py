@@ -17,7 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedtwin import messages
-from fedtwin.config import check_federation
+from fedtwin.config import check_config
 from fedtwin.models import build_model
 from fedtwin.training import get_weights
 
@@ -61,7 +61,7 @@ def train_and_publish(
     the last completed round with its weights and round numbers: a hospital asked again
     for a round it had already answered replies from its ledger and pays nothing twice.
     """
-    check_federation(cfg)
+    check_config(cfg)
     fed = cfg["federation"]
     weights, done, history = initial_weights(cfg), 0, []
     previous = load_checkpoint(out) if fed.get("resume", True) else None

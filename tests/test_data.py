@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedtwin import data
+from fedtwin.cli import main
 from fedtwin.data import DataError, Split
 
 SHARED_NPZ = Path(__file__).resolve().parents[2] / "shared/data/pneumoniamnist_28_trainval.npz"
@@ -96,6 +99,36 @@ def test_load_npz_missing_or_not_npz(tmp_path: Path) -> None:
     junk.write_bytes(b"definitely not a zip archive")
     with pytest.raises(DataError, match="not an .npz"):
         data.load_npz(junk)
+
+
+def npz_declaring(path: Path, shape: tuple, data: bytes) -> None:
+    """An npz whose ``train_images`` header declares uint8 ``shape`` but holds ``data``."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": shape}
+    )
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(2, np.int64))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("train_images.npy", header.getvalue() + data)
+        z.writestr("train_labels.npy", labels.getvalue())
+
+
+def test_npz_declaring_an_enormous_array_is_refused_before_it_is_read(tmp_path: Path, capsys):
+    path = tmp_path / "huge.npz"
+    npz_declaring(path, (10**12, 28, 28), bytes(100))
+    with pytest.raises(DataError, match=r"train_images declares an array of shape \(10+, 28, 28\)"):
+        data.load_npz(path)
+    assert main(["ingest", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and err.count("\n") == 1 and "MemoryError" not in err
+
+
+def test_npz_whose_header_does_not_match_its_data_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "short.npz"
+    npz_declaring(path, (2, 4, 4), bytes(10))
+    with pytest.raises(DataError, match="declares 32 bytes of data but holds 10"):
+        data.load_npz(path)
 
 
 def test_resize_images_crops_and_resizes_only_when_needed() -> None:

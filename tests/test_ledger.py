@@ -3,7 +3,9 @@ not paid twice, the budget is enforced and refusals are on the record."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -130,6 +132,40 @@ def test_ledger_show(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train" in out and "spent: epsilon" in out and "of budget 10" in out
     assert main(["ledger", "show", str(tmp_path / "missing.sqlite")]) == 2
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"a text file, not a database\n", b"SQLite format 3\x00" + bytes(400)]
+)
+def test_ledger_show_refuses_a_file_that_is_not_a_ledger(tmp_path, capsys, content):
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(content)
+    assert main(["ledger", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not a fedtwin privacy ledger" in err and err.count("\n") == 1
+    assert path.read_bytes() == content and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_ledger_show_never_changes_another_applications_database(tmp_path, capsys):
+    path = tmp_path / "app.db"
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE users (name TEXT)")
+        db.execute("INSERT INTO users VALUES ('ada')")
+    before = path.read_bytes()
+    assert main(["ledger", "show", str(path)]) == 2
+    assert "not a fedtwin privacy ledger (no table 'entries'" in capsys.readouterr().err
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+@pytest.mark.parametrize("delta", ["2", "0", "-1e-5", "nan"])
+def test_ledger_show_refuses_a_delta_outside_zero_and_one(tmp_path, capsys, delta):
+    path = tmp_path / "l.sqlite"
+    Ledger(path, delta=1e-5).commit("train", digest("a"), (1.0, 0.02, 10), b"")
+    assert main(["ledger", "show", str(path), f"--delta={delta}"]) == 2
+    assert "--delta" in capsys.readouterr().err
+    assert main(["ledger", "show", str(path), "--delta", "1e-6"]) == 0
 
 
 def test_a_federations_starting_point_is_recorded_once(tmp_path):

@@ -75,6 +75,18 @@ def test_cli_makes_a_pki(tmp_path, capsys):
     assert "never overwrites" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["../x", "a/b", "absolute", ".hidden", ""])
+def test_names_never_write_outside_the_pki_directory(tmp_path, capsys, name):
+    name = str(tmp_path / "x") if name == "absolute" else name
+    d = tmp_path / "pki" / "inner"
+    assert main(["pki", "init", "--dir", str(d)]) == 0
+    before = sorted(tmp_path.rglob("*"))
+    for action in (["cert", "--role", "researcher"], ["server", "--host", "127.0.0.1"], ["node"]):
+        assert main(["pki", action[0], "--dir", str(d), "--name", name, *action[1:]]) == 2
+        assert "--name" in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def handshake(ca_dir, client_cert, client_key, client_ca) -> str:
     """Mutual TLS on 127.0.0.1: returns the role the server read from the client's cert."""
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca_dir / "ca.pem")

@@ -4,6 +4,7 @@ file; the gate signs only twins that passed the audit or were overridden on the 
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import numpy as np
@@ -19,7 +20,7 @@ from fedtwin.signing import (
     sign_twin,
     verify_twin,
 )
-from fedtwin.twin import write_twin
+from fedtwin.twin import sha256_file, write_twin
 
 
 @pytest.fixture
@@ -168,3 +169,60 @@ def test_twin_dataset_loads_a_verified_twin_and_refuses_a_changed_one(tmp_path, 
     with pytest.raises(ValueError, match="labels.csv"):
         TwinDataset(twin)
     assert len(TwinDataset(twin, verify=False)) == 6
+
+
+def signed_listing(twin, key_path, files: dict) -> None:
+    """Replace ``twin``'s manifest by one listing ``files`` ({path: sha256}), and sign it."""
+    from fedtwin.signing import load_signing_key
+
+    manifest = json.loads((twin / "manifest.json").read_text())
+    (twin / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+    sign_twin(twin, load_signing_key(key_path))
+
+
+def listed(twin) -> dict:
+    return json.loads((twin / "manifest.json").read_text())["files"]
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_manifest_paths_outside_the_twin_are_refused(tmp_path, key_path, where, capsys):
+    from fedtwin import TwinDataset
+
+    twin = small_twin(tmp_path / "twin")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a file the twin does not hold\n")
+    path = "../outside.txt" if where == "parent" else str(outside)
+    signed_listing(twin, key_path, listed(twin) | {path: sha256_file(outside)})
+    result = verify_twin(twin, load_public_key(public_key_path(key_path)))
+    assert not result.ok and any("not a plain relative path" in p for p in result.problems)
+    assert main(["verify", str(twin)]) == 1
+    assert path in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a plain relative path"):
+        TwinDataset(twin)
+
+
+def test_folder_with_only_a_signed_manifest_does_not_verify(tmp_path, key_path):
+    twin = tmp_path / "empty-twin"
+    twin.mkdir()
+    (twin / "manifest.json").write_text(json.dumps({"kind": "fedtwin synthetic twin"}))
+    signed_listing(twin, key_path, {})
+    result = verify_twin(twin, load_public_key(public_key_path(key_path)))
+    assert not result.ok and "images.npz, labels.csv" in result.problems[0]
+
+
+def test_symbolic_links_and_extra_folders_are_problems(tmp_path, key_path):
+    twin = small_twin(tmp_path / "twin")
+    signed_listing(twin, key_path, listed(twin))
+    outside = tmp_path / "audit-copy.json"
+    outside.write_bytes((twin / "audit.json").read_bytes())
+    (twin / "audit.json").unlink()
+    (twin / "audit.json").symlink_to(outside)  # same bytes, but not inside the twin
+    (twin / "empty-folder").mkdir()
+    (twin / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    os.mkfifo(twin / "pipe")  # would block a reader forever: never opened
+    signed_listing(twin, key_path, listed(twin) | {"pipe": "0" * 64})
+    problems = verify_twin(twin, load_public_key(public_key_path(key_path))).problems
+    assert "audit.json: a symbolic link; a twin holds plain files only" in problems
+    assert "elsewhere: a symbolic link; a twin holds plain files only" in problems
+    assert "empty-folder/: a folder the manifest does not list" in problems
+    assert "pipe: not a plain file; a twin holds plain files only" in problems

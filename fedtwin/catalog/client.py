@@ -3,7 +3,8 @@
 A pull streams into ``.<out>.partial`` beside the destination, with a marker file saying
 which twin it holds; started again, it resumes after the bytes already on disk. Only when
 every file's sha256 and the signature check out is the directory renamed into place, so
-``out`` either does not exist or holds a verified twin.
+``out`` either does not exist or holds a verified twin. Nothing is written before the
+catalog's file list is checked against the manifest: only plain paths inside the twin.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from tqdm import tqdm
 
-from fedtwin.catalog.common import CHANNEL_OPTIONS, check_name, check_relpath
+from fedtwin.catalog.common import CHANNEL_OPTIONS, check_folder, check_name
 from fedtwin.catalog.store import CHUNK
 from fedtwin.catalog.v1 import catalog_pb2 as pb
 from fedtwin.catalog.v1 import catalog_pb2_grpc as pb_grpc
-from fedtwin.signing import MANIFEST, SIGNATURE, Verification, verify_twin
+from fedtwin.signing import MANIFEST, SIGNATURE, Verification, manifest_files, verify_twin
 
 UNARY_TIMEOUT = 60.0  # seconds, for list / get / the end of a publish
 
@@ -77,21 +78,20 @@ def pull(
     Raises ``TwinRejected`` naming what failed if the twin does not verify.
     """
     out = Path(out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise FileExistsError(f"{out} exists; pull into a new directory")
+    check_folder(out.parent)
     got = stub.GetManifest(
         pb.GetManifestRequest(twin=pb.TwinRef(name=name, version=version)),
         timeout=UNARY_TIMEOUT,
     )
     version = got.summary.version  # pinned: "latest" must not move during the pull
-    files = list(got.files)
-    for f in files:
-        check_relpath(f.path)
+    files = checked_files(got, f"{name}:{version}")
     partial = out.parent / f".{out.name}.partial"
     marker = out.parent / f".{out.name}.partial.json"
     holds = {"twin": f"{name}:{version}", "manifest": hashlib.sha256(got.manifest).hexdigest()}
-    if partial.exists() and (not marker.is_file() or json.loads(marker.read_text()) != holds):
-        shutil.rmtree(partial)  # left from another twin: start afresh
+    if (partial.exists() or partial.is_symlink()) and _held(marker) != holds:
+        _remove(partial)  # left from another twin, or its marker is unreadable: start afresh
     partial.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(holds) + "\n")
 
@@ -126,6 +126,10 @@ def pull(
         raise RuntimeError(
             f"the catalog stopped at byte {offset} of {total}; run the same pull to resume"
         )
+    for f in files:
+        if f.size == 0:  # an empty file sends no chunk
+            (partial / f.path).parent.mkdir(parents=True, exist_ok=True)
+            (partial / f.path).touch()
     (partial / MANIFEST).write_bytes(got.manifest)
     (partial / SIGNATURE).write_bytes(got.signature)
     result = verify_twin(partial, trusted)
@@ -136,6 +140,38 @@ def pull(
     os.replace(partial, out)
     marker.unlink()
     return result
+
+
+def checked_files(got: pb.GetManifestResponse, twin: str) -> list[pb.FileEntry]:
+    """The catalog's file list, if it is exactly what the manifest lists (so every path is
+    a plain path inside the twin); raises TwinRejected otherwise."""
+    try:
+        listed = manifest_files(json.loads(got.manifest))
+    except (ValueError, RecursionError) as e:
+        raise TwinRejected(f"{twin} refused, nothing written: {MANIFEST}: {e}") from None
+    files = list(got.files)
+    paths = [f.path for f in files]
+    if sorted(paths) != sorted(listed) or any(f.size < 0 for f in files):
+        raise TwinRejected(
+            f"{twin} refused, nothing written: the catalog's file list does not match "
+            f"{MANIFEST} ({len(paths)} files listed, {len(listed)} in the manifest)"
+        )
+    return files
+
+
+def _held(marker: Path) -> dict | None:
+    """Which twin a partial pull holds, by its marker file (None: unknown or unreadable)."""
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def resume_offset(partial: Path, files: list[pb.FileEntry]) -> int:

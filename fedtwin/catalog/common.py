@@ -1,9 +1,9 @@
-"""What the catalog server and client agree on: message sizes, names, file paths."""
+"""What the catalog server and client agree on: message sizes, names, folders."""
 
 from __future__ import annotations
 
 import re
-from pathlib import PurePosixPath
+from pathlib import Path
 
 # Chunks are 1 MiB; the largest unary message is GetManifest, whose manifest lists every
 # file's sha256 (about 100 bytes per file: a 20k-image twin's is about 4 MiB).
@@ -27,11 +27,16 @@ def check_name(value: str, field: str) -> str:
     return value
 
 
-def check_relpath(path: str) -> str:
-    """A file path from a manifest: relative, ``/``-separated, never leaving the twin."""
-    p = PurePosixPath(path)
-    if not path or p.is_absolute() or ".." in p.parts or "\\" in path or str(p) != path:
-        raise ValueError(f"manifest file {path!r}: not a plain relative path inside the twin")
+def check_folder(path: Path) -> Path:
+    """``path`` is a folder or can be made one: it, or else its nearest existing parent, is
+    a folder. Raises ValueError naming the file in the way."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.is_dir():
+            return path
+        if p.exists() or p.is_symlink():
+            where = f"{path}: " if p != path else ""
+            raise ValueError(f"{where}{p} is a file, not a folder; choose another path")
     return path
 
 

@@ -3,8 +3,10 @@
 Who may do what comes from the caller's client certificate, which must chain to the
 consortium CA (the TLS layer refuses anything else) and carry a role in its subject OU
 (``fedtwin.pki``): researchers and operators list, inspect and pull; only operators
-publish. A published twin must be signed by the consortium's signing key and every file
-must match the manifest's sha256; it is listed only once all of it is stored.
+publish. A published twin must be signed by the consortium's signing key, its manifest
+must hold only plain paths inside the twin and well-typed fields (checked before anything is
+stored), and every file must match the manifest's sha256; it is listed only once all of it
+is stored. What one certificate may hold of the server is bounded (``limits``).
 """
 
 from __future__ import annotations
@@ -13,18 +15,22 @@ import datetime as dt
 import itertools
 import json
 import logging
+import math
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedtwin.catalog.common import CHANNEL_OPTIONS, SERVICE, check_name, check_relpath
+from fedtwin.catalog.common import CHANNEL_OPTIONS, SERVICE, check_name
+from fedtwin.catalog.limits import Stream, StreamGuard
 from fedtwin.catalog.store import (
     AlreadyPublished,
     BlobMismatch,
@@ -35,11 +41,14 @@ from fedtwin.catalog.store import (
 from fedtwin.catalog.v1 import catalog_pb2 as pb
 from fedtwin.catalog.v1 import catalog_pb2_grpc as pb_grpc
 from fedtwin.pki import role_of
-from fedtwin.signing import MANIFEST, check_signature, signer
+from fedtwin.signing import MANIFEST, check_signature, manifest_files, signer
 
 log = logging.getLogger(__name__)
 
 READ, PUBLISH = ("researcher", "operator"), ("operator",)
+# Threads kept for listing, manifests and health checks: pulls and publishes may use the
+# others (StreamGuard's total).
+UNARY_WORKERS = 16
 
 
 def refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str):
@@ -48,17 +57,21 @@ def refuse(context: grpc.ServicerContext, code: grpc.StatusCode, message: str):
     context.abort(code, message)
 
 
-def caller_role(context: grpc.ServicerContext, allowed: tuple[str, ...]) -> str:
-    """The role in the caller's certificate; aborts PERMISSION_DENIED unless allowed."""
+def caller(context: grpc.ServicerContext, allowed: tuple[str, ...]) -> str:
+    """Who calls: the name and fingerprint of their certificate; aborts PERMISSION_DENIED
+    unless its role is ``allowed``."""
     pems = context.auth_context().get("x509_pem_cert") or []
-    role = role_of(x509.load_pem_x509_certificate(pems[0])) if pems else None
+    cert = x509.load_pem_x509_certificate(pems[0]) if pems else None
+    role = role_of(cert) if cert is not None else None
     if role not in allowed:
         refuse(
             context,
             grpc.StatusCode.PERMISSION_DENIED,
             f"certificate role {role or 'none'} may not do this (needs {' or '.join(allowed)})",
         )
-    return role
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = str(names[0].value) if names else "?"
+    return f"{name} ({cert.fingerprint(hashes.SHA256()).hex()[:12]})"
 
 
 def summary_message(record: TwinRecord) -> pb.TwinSummary:
@@ -78,23 +91,58 @@ def summary_message(record: TwinRecord) -> pb.TwinSummary:
 
 
 def summarize(manifest: dict, signature: bytes) -> dict:
-    """The catalog's listing fields, read from a (signed) manifest."""
-    privacy = manifest.get("privacy", {})
-    epsilons = [float(e) for e in privacy.get("epsilon_per_hospital", {}).values()]
+    """The catalog's listing fields, read from a (signed) manifest; ValueError names a field
+    of the wrong type."""
+    privacy, gate = _object(manifest, "privacy"), _object(manifest, "gate")
+    epsilons = [
+        _number(float, e, f"privacy.epsilon_per_hospital.{h}")
+        for h, e in _object(privacy, "epsilon_per_hospital", "privacy.").items()
+    ]
+    verdict = gate.get("audit_verdict", "unknown")
+    if not isinstance(verdict, str) or len(verdict) > 64:
+        raise ValueError(f"gate.audit_verdict: expected a short text, got {verdict!r:.40}")
     return {
-        "images": int(manifest.get("size", 0)),
+        "images": _number(int, manifest.get("size", 0), "size", low=0, high=2**62),
         # < 0 says "no DP guarantee" (DP off: epsilon is infinite) in a double field
         "epsilon_max": max(epsilons, default=-1.0) if privacy.get("dp") else -1.0,
-        "delta": float(privacy.get("delta", 0.0)),
-        "audit_verdict": str(manifest.get("gate", {}).get("audit_verdict", "unknown")),
+        "delta": _number(float, privacy.get("delta", 0.0), "privacy.delta"),
+        "audit_verdict": verdict,
         "key_fingerprint": signer(signature),
     }
 
 
+def _object(parent: dict, key: str, prefix: str = "") -> dict:
+    value = parent.get(key, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"{prefix}{key}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _number(kind: type, value: object, field: str, low: float = -math.inf, high: float = math.inf):
+    """``value`` as an int or float (JSON numbers, or text such as "inf" as fedtwin writes)."""
+    try:
+        if isinstance(value, (bool, dict, list)) or value is None:
+            raise TypeError
+        number = kind(value)
+        if number == number and not low <= number <= high:  # NaN passes: "not known"
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{field}: expected a number, got {value!r:.40}") from None
+    return number
+
+
+def _moving(requests: Iterable, stream: Stream) -> Iterator:
+    """``requests``, telling ``stream`` that data moved at each one."""
+    for request in requests:
+        stream.moved()
+        yield request
+
+
 class CatalogService(pb_grpc.TwinCatalogServicer):
-    def __init__(self, store: CatalogStore, signing_key: Ed25519PublicKey):
+    def __init__(self, store: CatalogStore, signing_key: Ed25519PublicKey, guard: StreamGuard):
         self.store = store
         self.signing_key = signing_key
+        self.guard = guard
 
     def _record(self, ref: pb.TwinRef, context, files: bool = True) -> TwinRecord:
         try:
@@ -103,11 +151,11 @@ class CatalogService(pb_grpc.TwinCatalogServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
 
     def ListTwins(self, request, context):
-        caller_role(context, READ)
+        caller(context, READ)
         return pb.ListTwinsResponse(twins=[summary_message(r) for r in self.store.list_twins()])
 
     def GetManifest(self, request, context):
-        caller_role(context, READ)
+        caller(context, READ)
         record = self._record(request.twin, context)
         return pb.GetManifestResponse(
             summary=summary_message(record),
@@ -117,7 +165,7 @@ class CatalogService(pb_grpc.TwinCatalogServicer):
         )
 
     def PullTwin(self, request, context) -> Iterator[pb.TwinChunk]:
-        caller_role(context, READ)
+        peer = caller(context, READ)
         record = self._record(request.twin, context, files=False)
         total = self.store.total_size(record.name, record.version)
         if not 0 <= request.offset <= total:
@@ -125,20 +173,25 @@ class CatalogService(pb_grpc.TwinCatalogServicer):
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"offset {request.offset} outside the twin's {total} bytes",
             )
-        log.info("pull %s:%s from byte %d", record.name, record.version, request.offset)
+        stream = self.guard.open(peer, context)
+        log.info("pull %s:%s from byte %d by %s", record.name, record.version, request.offset, peer)
+        return self._chunks(record, request.offset, stream)
+
+    def _chunks(self, record: TwinRecord, offset: int, stream: Stream) -> Iterator[pb.TwinChunk]:
         start = 0
         for f in self.store.iter_files(record.name, record.version):
-            if start + f.size > request.offset:
-                skip = max(0, request.offset - start)
+            if start + f.size > offset:
+                skip = max(0, offset - start)
                 position = start + skip
                 for data in self.store.read_blob(f.sha256, skip):
                     yield pb.TwinChunk(offset=position, path=f.path, data=data)
+                    stream.moved()
                     position += len(data)
             start += f.size
 
     def PublishTwin(self, request_iterator, context):
-        caller_role(context, PUBLISH)
-        requests = iter(request_iterator)
+        peer = caller(context, PUBLISH)
+        requests = _moving(request_iterator, self.guard.open(peer, context))
         first = next(requests, None)
         if first is None or first.WhichOneof("part") != "header":
             refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "publish starts with a header")
@@ -146,15 +199,17 @@ class CatalogService(pb_grpc.TwinCatalogServicer):
         try:
             check_name(header.name, "name")
             check_name(header.version, "version")
+            check_name(header.modality or "OT", "modality")
         except ValueError as e:
             refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         problems, _ = check_signature(header.signature, header.manifest, self.signing_key)
         if problems:
             refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "; ".join(problems))
-        try:
-            listed = json.loads(header.manifest)["files"].items()
-            expected = {check_relpath(path): sha for path, sha in listed}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        try:  # the whole manifest, before anything is stored
+            manifest = json.loads(header.manifest)
+            expected = manifest_files(manifest)
+            summary = summarize(manifest, header.signature)
+        except (ValueError, RecursionError) as e:
             refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{MANIFEST}: {e}")
         if self.store.has(header.name, header.version):
             refuse(
@@ -189,7 +244,7 @@ class CatalogService(pb_grpc.TwinCatalogServicer):
             name=header.name,
             version=header.version,
             modality=header.modality or "OT",
-            summary=summarize(json.loads(header.manifest), header.signature)
+            summary=summary
             | {
                 "size_bytes": sum(f.size for f in files)
                 + len(header.manifest)
@@ -216,30 +271,61 @@ def serve(
     cert: Path,
     key: Path,
     signing_key: Ed25519PublicKey,
-    workers: int = 16,
+    workers: int = 64,
+    streams_per_peer: int = 8,
+    stall_s: float = 60.0,
 ) -> None:
     """Serve the catalog in ``root`` on ``address`` until SIGINT/SIGTERM.
 
-    ``address`` may end in ``:0`` for a free port; the chosen one is printed.
+    ``address`` may end in ``:0`` for a free port; the chosen one is printed. Of the
+    ``workers`` threads, pulls and publishes may hold all but ``UNARY_WORKERS``, one
+    certificate at most ``streams_per_peer``; a stream that moves no data for ``stall_s``
+    seconds is cancelled.
     """
-    store = CatalogStore(root)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
-    pb_grpc.add_TwinCatalogServicer_to_server(CatalogService(store, signing_key), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if workers <= UNARY_WORKERS:
+        raise ValueError(f"workers: need more than {UNARY_WORKERS}, got {workers}")
+    guard = StreamGuard(per_peer=streams_per_peer, total=workers - UNARY_WORKERS, stall_s=stall_s)
     credentials = grpc.ssl_server_credentials(
         [(Path(key).read_bytes(), Path(cert).read_bytes())],
         root_certificates=Path(ca).read_bytes(),
         require_client_auth=True,
     )
+    store = CatalogStore(root)
+    try:
+        _serve(store, address, credentials, signing_key, guard, workers)
+    finally:
+        store.close()
+
+
+def _serve(
+    store: CatalogStore,
+    address: str,
+    credentials: grpc.ServerCredentials,
+    signing_key: Ed25519PublicKey,
+    guard: StreamGuard,
+    workers: int,
+) -> None:
+    # gRPC shares a port with any other process that asks (SO_REUSEPORT) unless told not to:
+    # two catalogs would then split the requests between them at random.
+    options = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    pb_grpc.add_TwinCatalogServicer_to_server(CatalogService(store, signing_key, guard), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host = address.rpartition(":")[0]
-    port = server.add_secure_port(address, credentials)
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"could not listen on {address} (in use, or not a local address?)")
+        raise RuntimeError(
+            f"cannot listen on {address}: the port is in use (another catalog?) or the host "
+            f"is not an address of this machine; choose another --address"
+        )
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print(f"catalog serving {root} on {host}:{port} (mutual TLS)", flush=True)
+    print(f"catalog serving {store.root} on {host}:{port} (mutual TLS)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

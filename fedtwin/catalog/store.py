@@ -3,13 +3,17 @@ store on disk (``objects/ab/abcdef...``, named by sha256, shared between twins).
 
 A twin becomes visible in one SQLite transaction after all its blobs are on disk, so a
 half-uploaded twin is never listed; blobs are written to ``incoming/`` and renamed into
-place, so a blob on disk is always whole.
+place, so a blob on disk is always whole. One store object holds a root at a time (a lock
+file), so what it finds in ``incoming/`` when it opens was left by a killed upload and is
+removed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import tempfile
@@ -17,6 +21,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedtwin.catalog.common import check_folder
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # 1 MiB: the unit of reads, writes and gRPC messages
 
@@ -75,13 +83,32 @@ class CatalogStore:
     """The catalog's disk: ``root/catalog.db``, ``root/objects/``, ``root/incoming/``."""
 
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = check_folder(Path(root))
         self.objects = self.root / "objects"
         self.incoming = self.root / "incoming"
         for d in (self.objects, self.incoming):
-            d.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db, db:
-            db.executescript(SCHEMA)
+            check_folder(d).mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / "catalog.lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RuntimeError(f"{self.root}: another catalog serves this folder") from None
+        stale = [p for p in self.incoming.iterdir() if p.is_file() or p.is_symlink()]
+        for path in stale:
+            path.unlink()
+        if stale:
+            log.info("removed %d unfinished upload(s) from %s", len(stale), self.incoming)
+        try:
+            with closing(self._connect()) as db, db:
+                db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise ValueError(f"{self.root / 'catalog.db'}: not a catalog database ({e})") from e
+
+    def close(self) -> None:
+        """Let another store open the root."""
+        self._lock.close()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.root / "catalog.db", timeout=30)
