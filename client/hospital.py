@@ -1,6 +1,10 @@
 """What a hospital does for each request of a run, Flower's records in and out (the
 ClientApp, ``fedtwin.client.client_app``, hands each message here):
 
+- ``train`` with ``task=release`` (once, before round 1, when the model uses feature
+  statistics): release the hospital's noisy per-class feature sums (``fedtwin.features``)
+  in the ``feature_release`` array of the model, recorded in the ledger before it leaves;
+  the server's average of them over hospitals is the consortium's pooled statistics.
 - ``train``: run the hospital's DP local round (``fedtwin.training.local_round``) within
   the budget of its privacy ledger (``fedtwin.ledger``: SQLite on the hospital's disk,
   which outlives the ClientApp, the node and the run), commit the privacy spent and the
@@ -15,6 +19,7 @@ ClientApp, ``fedtwin.client.client_app``, hands each message here):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from pathlib import Path
@@ -26,10 +31,17 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedtwin import messages
 from fedtwin.audit import site_audit
 from fedtwin.data import Hospital
+from fedtwin.features import noisy_feature_sums, release_rows
 from fedtwin.ledger import Ledger, digest
 from fedtwin.metrics import Classifier, features
 from fedtwin.models import build_model
-from fedtwin.privacy import BudgetExceeded, PrivacyPlan, noisy_class_shares, plan_from_config
+from fedtwin.privacy import (
+    BudgetExceeded,
+    PrivacyPlan,
+    noisy_class_shares,
+    plan_from_config,
+    uses_features,
+)
 from fedtwin.training import local_round, set_weights
 from fedtwin.utility import site_utility
 
@@ -60,6 +72,8 @@ def train(msg: Message, context: Context, cfg: dict, hospital: Hospital, ledger_
         *(a.tobytes() for a in messages.from_record(msg.content[messages.ARRAYS]).values()),
     )
     try:
+        if str(server.get(messages.TASK, "")) == messages.RELEASE:
+            return _release_round(msg, context, cfg, hospital, ledger)
         return _train_round(msg, context, cfg, hospital, ledger, request, steps)
     except BudgetExceeded as e:  # refused: on the hospital's record, and sent back
         reason = f"{hospital.name}: {e}"
@@ -111,17 +125,8 @@ def _train_round(
     if answered is not None:  # answered long ago, reply no longer kept: do not pay twice
         raise BudgetExceeded(f"round {server_round} was answered before; not again")
 
-    fed, batch = cfg["federation"], int(cfg["federation"]["batch_size"])
-    federation = str(msg.content[messages.CONFIG].get("federation", ""))
-    plan = plan_from_config(
-        cfg["privacy"],
-        n_train=len(hospital.train),
-        batch_size=batch,
-        # The hospital plans for the rounds it agreed to; the server cannot stretch it.
-        # Noise is calibrated for what the ledger had left when this federation first asked.
-        total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
-        prior=ledger.prior(federation) if federation else (),
-    )
+    batch = int(cfg["federation"]["batch_size"])
+    plan = _plan(msg, cfg, hospital, ledger)
     n_classes = len(cfg["data"]["classes"])
     shares = _label_shares(ledger, hospital, n_classes, plan, str(context.run_id))
     model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])
@@ -158,6 +163,74 @@ def _train_round(
     ledger.forget_old_replies()
     context.state[OPTIMIZER_STATE] = ConfigRecord({"state": result.optimizer_state})
     return _train_reply(msg, hospital, result.weights, metrics)
+
+
+def _plan(msg: Message, cfg: dict, hospital: Hospital, ledger: Ledger) -> PrivacyPlan:
+    """The hospital's plan for this federation: its releases and every round it agreed to
+    (the server cannot stretch it), with noise calibrated for what the ledger had left when
+    this federation first asked."""
+    fed = cfg["federation"]
+    federation = str(msg.content[messages.CONFIG].get("federation", ""))
+    return plan_from_config(
+        cfg["privacy"],
+        n_train=len(hospital.train),
+        batch_size=int(fed["batch_size"]),
+        total_steps=int(fed["rounds"]) * int(fed["local_steps"]),
+        features=uses_features(cfg),
+        prior=ledger.prior(federation) if federation else (),
+    )
+
+
+def _release_round(
+    msg: Message, context: Context, cfg: dict, hospital: Hospital, ledger: Ledger
+) -> Message:
+    """The one-shot release: the received weights with ``feature_release`` holding this
+    hospital's noisy per-class feature sums and class counts over its image count
+    (``fedtwin.features.release_rows``). Released once for its data and answered from
+    the ledger ever after."""
+    if not uses_features(cfg):
+        raise ValueError(f"{hospital.name}: asked for a feature release, but model.features "
+                         f"is null in this hospital's config")  # fmt: skip
+    plan = _plan(msg, cfg, hospital, ledger)
+    n_classes = len(cfg["data"]["classes"])
+    run = str(context.run_id)
+    shares = _label_shares(ledger, hospital, n_classes, plan, run)
+    weights = messages.from_record(msg.content[messages.ARRAYS])
+    if "feature_release" not in weights:
+        raise ValueError(f"{hospital.name}: the model sent has no feature_release array")
+    weights["feature_release"] = _feature_rows(ledger, hospital, cfg, plan, shares, run)
+    epsilon = ledger.epsilon()
+    metrics = dict(messages.round_metrics(len(hospital.train), epsilon, 0, {}, shares))
+    return _train_reply(msg, hospital, weights, metrics)
+
+
+def _feature_rows(
+    ledger: Ledger, hospital: Hospital, cfg: dict, plan: PrivacyPlan, shares: np.ndarray, run: str
+) -> np.ndarray:
+    """The hospital's feature release ``(K, D + 1)``: computed and recorded once, before it
+    leaves; the same rows ever after."""
+    n_classes = len(cfg["data"]["classes"])
+    model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])
+    labels = np.asarray(hospital.train.labels, dtype=np.int64)
+    spec = json.dumps(cfg["model"]["features"], sort_keys=True)
+    request = digest("features", hospital.train.images.tobytes(), labels.tobytes(), spec,
+                     str(plan.feature_noise), str(plan.enabled))  # fmt: skip
+    answered = ledger.answered("features", request)
+    if answered:
+        return np.load(io.BytesIO(answered))
+    noise = plan.feature_noise if plan.enabled else 0.0
+    sums = noisy_feature_sums(model.feature_map, hospital.train.images, labels, n_classes, noise)
+    rows = release_rows(sums, shares * len(labels), len(labels))
+    if plan.enabled:
+        release = plan.feature_release()
+        if ledger.epsilon([*ledger.history(), release]) > plan.target_epsilon + 1e-9:
+            raise BudgetExceeded("the feature-sum release would pass the budget")
+    else:
+        release = (0.0, 1.0, 1)  # exact sums: no guarantee, recorded as such
+    buffer = io.BytesIO()
+    np.save(buffer, rows, allow_pickle=False)
+    ledger.commit("features", request, release, buffer.getvalue(), run=run)
+    return rows
 
 
 def _train_reply(msg: Message, hospital: Hospital, weights: dict, metrics: dict) -> Message:

@@ -126,6 +126,7 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         need("privacy.delta", lambda v: _number(v) and 0 < v < 1, "must lie in (0, 1), e.g. 1e-5")
         need("privacy.max_grad_norm", _positive, "must be a positive number, e.g. 20")
         need("privacy.label_noise", lambda v: _number(v) and v >= 0, "must be a number >= 0")
+        need("privacy.feature_share", lambda v: _number(v) and 0 < v < 1, "must lie in (0, 1)")
     need("privacy.enabled", lambda v: isinstance(v, bool), "must be true or false")
     need("privacy.accountant", lambda v: v in ACCOUNTANTS, f"must be {' or '.join(ACCOUNTANTS)}")
     for key in ("hospitals", "rounds", "local_steps", "batch_size", "min_hospitals"):
@@ -136,6 +137,9 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     need("federation.max_update_norm", _positive, "must be a positive number")
     need("twin.size", _whole, "must be a whole number >= 1")
     need("twin.checkpoints", _whole, "must be a whole number >= 1")
+    need(
+        "federation.warm_start_steps", lambda v: _whole(v) or v == 0, "must be a whole number >= 0"
+    )
     need(
         "twin.label_mix",
         lambda v: v in ("federation", "balanced"),
@@ -164,6 +168,10 @@ def _number(value: Any) -> bool:
 
 def _positive(value: Any) -> bool:
     return _number(value) and value > 0
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _whole(value: Any) -> bool:

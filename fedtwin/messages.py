@@ -17,6 +17,8 @@ ARRAYS = "arrays"  # the generator's weights (FedAvg's default key)
 CONFIG = "config"  # server -> hospital: what this round asks for
 METRICS = "metrics"  # hospital -> server: counts, losses, epsilon spent
 HOSPITAL = "hospital"  # hospital -> server: its public name
+TASK = "task"  # in CONFIG: what a training message asks for (default: a training round)
+RELEASE = "release"  # TASK before round 1: the one-shot feature release (fedtwin.features)
 
 
 def to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:

@@ -1,11 +1,12 @@
 """Privacy planning and accounting (Opacus accountants); no training code in here.
 
 A hospital plans its whole participation up front: one release of its class counts with
-Gaussian noise (so generated labels can follow its own label mix) and T DP-SGD steps at
-sample rate q. The noise multiplier is calibrated so that the whole plan lands at or under
-the hospital's target epsilon at delta. Every step taken is recorded in an accountant
-history ``[(noise_multiplier, sample_rate, steps), ...]`` that outlives any one process; the
-epsilon spent is always recomputed from that history, never estimated.
+Gaussian noise (so generated labels can follow its own label mix), with the DCGAN one
+release of its per-class feature sums with Gaussian noise (``fedtwin.features``), and T
+DP-SGD steps at sample rate q. The noise multiplier is calibrated so that the whole plan
+lands at or under the hospital's target epsilon at delta. Every step taken is recorded in an
+accountant history ``[(noise_multiplier, sample_rate, steps), ...]`` that outlives any one
+process; the epsilon spent is always recomputed from that history, never estimated.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class PrivacyPlan:
     """What one hospital will spend over the whole federation.
 
     ``noise_multiplier`` is sigma (noise std = sigma * max_grad_norm); 0 when DP is off.
-    ``label_noise`` is the std of the Gaussian noise on the class counts (sensitivity 1).
+    ``label_noise`` is the std of the Gaussian noise on the class counts (sensitivity 1);
+    ``feature_noise`` that on the per-class feature sums (sensitivity 1), 0 when the
+    hospital releases none.
     """
 
     enabled: bool
@@ -44,23 +47,37 @@ class PrivacyPlan:
     noise_multiplier: float
     accountant: str
     label_noise: float = 0.0
+    feature_noise: float = 0.0
 
     def label_release(self) -> tuple[float, float, int]:
         return label_release(self.label_noise)
 
+    def feature_release(self) -> tuple[float, float, int]:
+        return label_release(self.feature_noise)  # one Gaussian at q = 1, like the counts
+
+    def one_shot_releases(self) -> list[tuple[float, float, int]]:
+        """The history entries of the releases made once, before any DP-SGD step."""
+        releases = [self.label_release()]
+        if self.feature_noise > 0:
+            releases.append(self.feature_release())
+        return releases
+
     def describe(self) -> str:
         if not self.enabled:
             return "DP off: epsilon = inf (no privacy guarantee; baseline only)"
+        features = f", feature sums with noise std {self.feature_noise:g}"
+        features = features if self.feature_noise else ""
         return (
             f"DP-SGD: target epsilon {self.target_epsilon:g} at delta {self.delta:g}, "
             f"sigma {self.noise_multiplier:.3f}, C {self.max_grad_norm:g}, "
             f"q {self.sample_rate:.4f}, {self.total_steps} steps, class counts with noise "
-            f"std {self.label_noise:g} ({self.accountant})"
+            f"std {self.label_noise:g}{features} ({self.accountant})"
         )
 
 
 def label_release(label_noise: float) -> tuple[float, float, int]:
-    """The class-count release as an accountant history entry: one Gaussian, q = 1."""
+    """A one-shot release (class counts, feature sums) as an accountant history entry: one
+    Gaussian mechanism of sensitivity 1 and noise std ``label_noise``, q = 1."""
     return (label_noise, 1.0, 1)
 
 
@@ -82,11 +99,13 @@ def plan_privacy(
     batch_size: int,
     total_steps: int,
     label_noise: float,
+    feature_noise: float = 0.0,
     prior: History = (),
 ) -> PrivacyPlan:
-    """Calibrate sigma so that the class-count release (noise std ``label_noise``) and
-    ``total_steps`` steps together land at or under ``epsilon`` at ``delta``, on top of
-    ``prior``: what the hospital's ledger spent before this federation."""
+    """Calibrate sigma so that the class-count release (noise std ``label_noise``), the
+    feature-sum release (``feature_noise``; 0 = none) and ``total_steps`` steps together
+    land at or under ``epsilon`` at ``delta``, on top of ``prior``: what the hospital's
+    ledger spent before this federation."""
     q = sample_rate_for(n_train, batch_size)
     if not enabled:
         return PrivacyPlan(False, math.inf, delta, max_grad_norm, q, total_steps, 0.0, accountant)
@@ -105,30 +124,54 @@ def plan_privacy(
             f"privacy.delta={delta:g} is not below 1/n = {1.0 / n_train:g} for a hospital with "
             f"{n_train} training images; lower privacy.delta"
         )
-    if epsilon_spent([label_release(label_noise)], delta, accountant) >= epsilon:
+    if feature_noise < 0:
+        raise ValueError(f"privacy.feature_noise must be >= 0, got {feature_noise}")
+    releases = (label_release(label_noise),)
+    if feature_noise > 0:
+        releases += (label_release(feature_noise),)
+    if epsilon_spent(list(releases), delta, accountant) >= epsilon:
+        with_features = f" with privacy.feature_noise={feature_noise:g}" if feature_noise else ""
         raise ValueError(
-            f"privacy.label_noise={label_noise:g} alone spends the whole budget "
+            f"privacy.label_noise={label_noise:g}{with_features} alone spends the whole budget "
             f"epsilon={epsilon:g}; raise privacy.label_noise"
+            + (" or privacy.feature_noise" if feature_noise else "")
         )
     prior = tuple(tuple(h) for h in prior)
-    before = epsilon_spent([*prior, label_release(label_noise)], delta, accountant)
+    before = epsilon_spent([*prior, *releases], delta, accountant)
     if prior and before >= epsilon:
         raise BudgetExceeded(
             f"refused: earlier federations spent epsilon "
             f"{epsilon_spent(list(prior), delta, accountant):.3f} of this hospital's budget "
             f"{epsilon:g}; nothing is left for this one"
         )
-    sigma = _calibrated_sigma(epsilon, delta, q, total_steps, label_noise, accountant, prior)
+    sigma = _calibrated_sigma(epsilon, delta, q, total_steps, releases, accountant, prior)
     return PrivacyPlan(
-        True, epsilon, delta, max_grad_norm, q, total_steps, sigma, accountant, label_noise
+        True,
+        epsilon,
+        delta,
+        max_grad_norm,
+        q,
+        total_steps,
+        sigma,
+        accountant,
+        label_noise,
+        feature_noise,
     )
 
 
 def plan_from_config(
-    privacy: Mapping[str, Any], *, n_train: int, batch_size: int, total_steps: int, **override
+    privacy: Mapping[str, Any],
+    *,
+    n_train: int,
+    batch_size: int,
+    total_steps: int,
+    features: bool = False,
+    **override,
 ) -> PrivacyPlan:
-    """``plan_privacy`` with the settings of a ``privacy`` config group; ``override``
-    replaces any of them (``enabled=False`` for a baseline, say)."""
+    """``plan_privacy`` with the settings of a ``privacy`` config group; ``features``: the
+    model releases feature sums (``uses_features``), with the noise that spends
+    ``privacy.feature_share`` of the budget (``feature_noise_for``); ``override`` replaces
+    any setting (``enabled=False`` for a baseline, ``prior`` for a ledger's past, say)."""
     settings = {
         "enabled": bool(privacy["enabled"]),
         "epsilon": float(privacy["epsilon"]),
@@ -138,7 +181,49 @@ def plan_from_config(
         "label_noise": float(privacy["label_noise"]),
         **override,
     }
+    if features and settings["enabled"] and "feature_noise" not in settings:
+        settings["feature_noise"] = feature_noise_for(
+            float(privacy["feature_share"]),
+            epsilon=settings["epsilon"],
+            delta=settings["delta"],
+            label_noise=settings["label_noise"],
+            accountant=settings["accountant"],
+            prior=tuple(tuple(h) for h in override.get("prior", ())),
+        )
     return plan_privacy(**settings, n_train=n_train, batch_size=batch_size, total_steps=total_steps)
+
+
+@functools.lru_cache(maxsize=64)
+def feature_noise_for(
+    share: float, *, epsilon: float, delta: float, label_noise: float, accountant: str,
+    prior: tuple = (),
+) -> float:  # fmt: skip
+    """The feature release's noise std (sensitivity 1): the smallest (to 1e-3) that spends at
+    most ``share`` of the budget left after ``prior`` and the class-count release; the
+    DP-SGD steps get the rest. A share, not a fixed noise, so one setting serves every
+    epsilon."""
+    if not 0 < share < 1:
+        raise ValueError(f"privacy.feature_share must lie in (0, 1), got {share}")
+    before = epsilon_spent([*prior, label_release(label_noise)], delta, accountant)
+    if before >= epsilon:
+        raise ValueError(
+            f"privacy.label_noise={label_noise:g} alone spends the whole budget "
+            f"epsilon={epsilon:g}; raise privacy.label_noise"
+        )
+    allowed = before + share * (epsilon - before)
+
+    def spent(noise: float) -> float:
+        return epsilon_spent(
+            [*prior, label_release(label_noise), (noise, 1.0, 1)], delta, accountant
+        )
+
+    low, high = 0.0, 1.0
+    while spent(high) > allowed:
+        low, high = high, 2 * high
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (mid, high) if spent(mid) > allowed else (low, mid)
+    return high
 
 
 @functools.lru_cache(maxsize=64)  # a node plans again every round with the same numbers
@@ -147,14 +232,15 @@ def _calibrated_sigma(
     delta: float,
     q: float,
     steps: int,
-    label_noise: float,
+    releases: tuple,
     accountant: str,
     prior: tuple = (),
 ) -> float:
-    """Smallest sigma (to 1e-3) whose plan, after ``prior``, lands at or under ``target``."""
+    """Smallest sigma (to 1e-3) whose plan, after ``prior`` and the one-shot ``releases``,
+    lands at or under ``target``."""
 
     def epsilon_at(sigma: float) -> float:
-        plan = [*prior, label_release(label_noise), (sigma, q, steps)]
+        plan = [*prior, *releases, (sigma, q, steps)]
         return epsilon_spent(plan, delta, accountant)
 
     low, high = 0.0, 10.0
@@ -178,6 +264,11 @@ def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> fl
     acc = create_accountant(accountant)
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta))
+
+
+def uses_features(cfg: Mapping[str, Any]) -> bool:
+    """Whether the run's model has its hospitals release feature sums (``model.features``)."""
+    return bool(cfg["model"].get("features"))
 
 
 def check_budget(plan: PrivacyPlan, history: History, steps: int) -> float:

@@ -123,6 +123,32 @@ def _utility_section(evaluation: Mapping) -> str:
         f"<tr><td>twin ↔ train</td><td>{_num(_get(fr, 'twin_vs_train'))}</td></tr>"
         f"<tr><td>floor: real train ↔ val</td><td>{_num(_get(fr, 'train_vs_val_floor'))}</td>"
         f"</tr></table><p>Feature space: {space}. This is not Inception FID.</p>"
+        + _manifold_table(evaluation.get("manifold") if isinstance(evaluation, Mapping) else None)
+    )
+
+
+MANIFOLD = ("precision", "recall", "density", "coverage")
+
+
+def _manifold_table(manifold: Mapping | None) -> str:
+    """Precision, recall, density and coverage against val, twin beside real train."""
+    if not manifold:
+        return ""
+    rows = ""
+    for who, label in (("twin", "twin"), ("real_ceiling", "real train (ceiling)")):
+        scores = manifold.get(who, {})
+        groups = [("all", scores), *sorted(scores.get("per_class", {}).items())]
+        for group, values in groups:
+            cells = "".join(f"<td>{_num(values.get(k))}</td>" for k in MANIFOLD)
+            rows += f"<tr><td>{label}</td><td>{html.escape(str(group))}</td>{cells}</tr>"
+    head = "".join(f"<th>{k}</th>" for k in MANIFOLD)
+    return (
+        f"<h3>Realism and diversity against val (k = {manifold.get('k')}, "
+        f"{manifold.get('compared_size')} images each)</h3><p>Precision: share of twin images "
+        "inside the real images' manifold; recall: share of real images inside the twin's; "
+        "coverage: share of real images with a twin image among their nearest neighbours "
+        "(low coverage = collapse); density about 1 when twin and real are alike.</p>"
+        f"<table><tr><th></th><th>class</th>{head}</tr>{rows}</table>"
     )
 
 
@@ -195,8 +221,16 @@ def _audit_section(audit: Mapping[str, Any] | None, gate: Mapping, utility: Mapp
     )
 
 
-def _grids_section(real_val, twin, class_names: Sequence[str], per_class: int = 32) -> str:
-    out = "<h2>Images per class</h2>"
+def _grids_section(
+    real_val, twin, class_names: Sequence[str], manifold: Mapping | None, per_class: int = 64
+) -> str:
+    """Per class, 64 real val images beside 64 twin images, with the class's coverage: a
+    collapsed class shows as the same few images repeated."""
+    out = (
+        "<h2>Images per class</h2><p>The first 64 images of each class, real beside twin. "
+        "A twin class made of a few images repeated has collapsed.</p>"
+    )
+    per = (manifold or {}).get("twin", {}).get("per_class", {})
     for c, name in enumerate(class_names):
         real = real_val[0][real_val[1] == c][:per_class]
         fake = twin[0][twin[1] == c][:per_class]
@@ -204,7 +238,13 @@ def _grids_section(real_val, twin, class_names: Sequence[str], per_class: int = 
         for title, imgs in (("real (val)", real), ("twin", fake)):
             body = f'<img src="{_grid_png(imgs)}" alt="{title}">' if len(imgs) else "none"
             figs += f"<figure><figcaption>{title}</figcaption>{body}</figure>"
-        out += f"<h3>{html.escape(str(name))}</h3><div class=grids>{figs}</div>"
+        scores = per.get(str(c))
+        figures = (
+            f" — twin coverage {_num(scores['coverage'])}, precision {_num(scores['precision'])}"
+            if scores
+            else ""
+        )
+        out += f"<h3>{html.escape(str(name))}{figures}</h3><div class=grids>{figs}</div>"
     return out
 
 
@@ -252,7 +292,7 @@ def write_report(
             _privacy_section(epsilons, delta, dp_enabled),
             _audit_section(audit, gate or {}, federated_utility or {}),
             _utility_section(evaluation),
-            _grids_section(real_val, twin, class_names),
+            _grids_section(real_val, twin, class_names, evaluation.get("manifold")),
             _losses_section(losses),
             "<h2>Configuration</h2><details><summary>resolved config</summary><pre>",
             html.escape(dumps(config)),

@@ -1,8 +1,10 @@
 """Benchmark fedtwin and write the figures to one JSON file.
 
   (a) the demo's setting: 4 hospitals, Dirichlet alpha 0.5, epsilon 10, delta 1e-5:
-      TSTR/TRTR on val, Fréchet distance, wall time (runs the `fedtwin demo` command)
+      TSTR/TRTR on val, Fréchet distance, precision/recall/density/coverage, wall time
+      (runs the `fedtwin demo` command; --runs independent runs, all kept)
   (b) the same generator and plan trained centrally: one hospital holding all the data
+  (i) the demo's setting at epsilon 1 (--runs runs)
   (c) the baseline a twin must beat: a DP-SGD classifier trained federated at the same
       epsilon directly on the real data (same hospitals)
   (d) throughput: DP vs non-DP local training samples/s for the same model, generation
@@ -22,9 +24,9 @@
       round against the same local compute alone (overhead ratio), and the bytes sent per
       round to and from each hospital
 
-Usage: python scripts/benchmark.py --out runs/benchmark.json [--quick] [--parts a,b,c,d,e,f,g,h]
-       [hydra overrides...]. Each part is written as soon as it ends; a failed part records
-its error and the others still run.
+Usage: python scripts/benchmark.py --out runs/benchmark.json [--quick] [--runs 3]
+       [--parts a,b,c,d,e,f,g,h,i] [--last-round-alone] [hydra overrides...]. Each part is
+written as soon as it ends; a failed part records its error and the others still run.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ SETTING = [
 ]
 
 
+LAST_ROUND_ALONE = False  # --last-round-alone: also score the last round's generator alone
+
+
 def run_demo_command(out: Path, overrides: list[str]) -> dict:
     """Run `fedtwin demo` as a user would, in its own process, and read its summary."""
     import json
@@ -81,8 +86,9 @@ def run_demo_command(out: Path, overrides: list[str]) -> dict:
         "tstr": classifier_scores(ev["tstr"]),
         "trtr": classifier_scores(ev["trtr"]),
         "frechet": ev["frechet"],
+        "manifold": ev["manifold"],
         "generator_rounds": summary.get("generator_rounds"),
-        "last_round_alone": last_round_alone(out),
+        "last_round_alone": last_round_alone(out) if LAST_ROUND_ALONE else None,
         "output": str(out),
     }
 
@@ -127,8 +133,35 @@ def last_round_alone(out: Path) -> dict | None:
     }
 
 
-def part_a(out_dir: Path, overrides: list[str]) -> dict:
-    return {"setting": SETTING, **run_demo_command(out_dir / "a_federated", SETTING + overrides)}
+def repeated(out: Path, overrides: list[str], runs: int) -> dict:
+    """``runs`` independent demo runs of one setting (fresh DP noise each), every one kept,
+    and the spread of the figures the issue's goals name."""
+    results = [run_demo_command(out / f"run-{i + 1}", overrides) for i in range(runs)]
+    figures = {
+        "tstr_auc": [r["tstr"]["auc_mean"] for r in results],
+        "tstr_acc": [r["tstr"]["acc_mean"] for r in results],
+        "coverage": [r["manifold"]["twin"]["coverage"] for r in results],
+        "precision": [r["manifold"]["twin"]["precision"] for r in results],
+        "frechet_over_floor": [
+            r["frechet"]["twin_vs_val"] / r["frechet"]["train_vs_val_floor"] for r in results
+        ],
+        "wall_time_s": [r["command_wall_time_s"] for r in results],
+        "signed": [r["gate"]["signed"] for r in results],
+    }
+    spread = {
+        k: {"min": min(v), "mean": float(np.mean(v)), "max": max(v)}
+        for k, v in figures.items()
+        if k != "signed"
+    }
+    return {"setting": overrides, "runs": results, "figures": figures, "spread": spread}
+
+
+def part_a(out_dir: Path, overrides: list[str], runs: int) -> dict:
+    return repeated(out_dir / "a_federated", SETTING + overrides, runs)
+
+
+def part_i(out_dir: Path, overrides: list[str], runs: int) -> dict:
+    return repeated(out_dir / "i_epsilon_1", [*SETTING, *overrides, "privacy.epsilon=1"], runs)
 
 
 def part_b(out_dir: Path, overrides: list[str]) -> dict:
@@ -598,11 +631,16 @@ def local_compute_alone(cfg: dict, setting: list[str], archives: dict, steps: in
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
-    parser.add_argument("--parts", default="a,b,c,d,e,f,g,h", help="comma-separated subset of a-h")
+    parser.add_argument("--parts", default="a,b,c,d,e,f,g,h,i", help="comma-separated subset")
     parser.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
+    parser.add_argument("--runs", type=int, default=3, help="independent runs of (a) and (i)")
+    parser.add_argument("--last-round-alone", action="store_true",
+                        help="also score the last round alone (slower)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every part")
     args = parser.parse_args()
 
+    global LAST_ROUND_ALONE
+    LAST_ROUND_ALONE = args.last_round_alone
     overrides = (["+experiment=tiny"] if args.quick else []) + args.overrides
     cfg = {**load_config(SETTING + overrides), "quick": args.quick}
     out_dir = args.out.with_suffix("")
@@ -621,7 +659,7 @@ def main() -> int:
         "config": cfg,
     }
     parts = {
-        "a": ("a_federated", lambda: part_a(out_dir, overrides)),
+        "a": ("a_federated", lambda: part_a(out_dir, overrides, args.runs)),
         "b": ("b_central", lambda: part_b(out_dir, overrides)),
         "c": ("c_dp_classifier_baseline", lambda: part_c(cfg)),
         "d": ("d_throughput", lambda: part_d(cfg)),
@@ -629,6 +667,7 @@ def main() -> int:
         "f": ("f_catalog", lambda: part_f(cfg)),
         "g": ("g_ddpm", lambda: part_g(out_dir, overrides, args.quick)),
         "h": ("h_deployment", lambda: part_h(cfg, out_dir, overrides)),
+        "i": ("i_epsilon_1", lambda: part_i(out_dir, overrides, args.runs)),
     }
     for key in args.parts.split(","):
         name, run = parts[key.strip()]
@@ -647,18 +686,27 @@ def main() -> int:
     return 0
 
 
+def demo_line(name: str, r: dict) -> str:
+    tstr, trtr, fr = r["tstr"], r["trtr"], r["frechet"]
+    twin = r.get("manifold", {}).get("twin", {})
+    return (
+        f"{name}: TSTR AUC {tstr['auc_mean']:.3f} ACC {tstr['acc_mean']:.3f} | "
+        f"TRTR AUC {trtr['auc_mean']:.3f} | Fréchet {fr['twin_vs_val']:.2f} "
+        f"(floor {fr['train_vs_val_floor']:.2f}) | precision {twin.get('precision', -1):.2f} "
+        f"coverage {twin.get('coverage', -1):.2f} | {r['command_wall_time_s']:.0f} s | "
+        f"audit {r['gate']['audit_verdict']}"
+    )
+
+
 def summary_lines(result: dict) -> str:
     lines = []
-    for name in ("a_federated", "b_central", "g_ddpm"):
+    for name in ("a_federated", "i_epsilon_1"):
+        for i, r in enumerate(result.get(name, {}).get("runs", [])):
+            lines.append(demo_line(f"{name} run {i + 1}", r))
+    for name in ("b_central", "g_ddpm"):
         r = result.get(name, {})
         if "tstr" in r:
-            tstr, trtr, fr = r["tstr"], r["trtr"], r["frechet"]
-            lines.append(
-                f"{name}: TSTR AUC {tstr['auc_mean']:.3f} ACC {tstr['acc_mean']:.3f} | "
-                f"TRTR AUC {trtr['auc_mean']:.3f} | Fréchet {fr['twin_vs_val']:.2f} "
-                f"(floor {fr['train_vs_val_floor']:.2f}) | {r['command_wall_time_s']:.0f} s | "
-                f"audit {r['gate']['audit_verdict']}"
-            )
+            lines.append(demo_line(name, r))
             alone = r.get("last_round_alone")
             if alone:
                 lines.append(

@@ -27,19 +27,23 @@ import torch
 from tqdm import tqdm
 
 from fedtwin.config import load_config
-from fedtwin.data import label_shares
+from fedtwin.data import label_shares, pooled_train
 from fedtwin.demo import load_real_data, simulate_hospitals
+from fedtwin.features import noisy_feature_sums, release_rows
 from fedtwin.jsonio import write_json
-from fedtwin.metrics import classification_scores, predict_proba, train_classifier
+from fedtwin.manifold import prdc
+from fedtwin.metrics import classification_scores, features, predict_proba, train_classifier
 from fedtwin.models import build_model
-from fedtwin.privacy import noisy_class_shares, plan_from_config
+from fedtwin.privacy import noisy_class_shares, plan_from_config, uses_features
 from fedtwin.training import get_weights, local_round, set_weights, to_tensor
 from fedtwin.twin import generate_from_rounds, label_mix
 
 
-def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val) -> dict:
+def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None) -> dict:
     """TSTR of a twin drawn from the ``recent`` global models (as ``twin.checkpoints``
-    does) and, for the AC-GAN, the last model's class head on val."""
+    does), its precision and coverage against val in the features of ``judge`` (a CNN
+    trained on the real train split) and, for the AC-GAN, the last model's class head on
+    val."""
     models = []
     for weights in recent:
         model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
@@ -52,18 +56,45 @@ def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val) -> dict:
                                lr=1e-3, seed=seed)  # fmt: skip
         aucs.append(classification_scores(predict_proba(clf, val.images), val.labels)["auc"])
     out = {"tstr_auc": float(np.mean(aucs)), "tstr_auc_per_seed": aucs, "models": len(models)}
-    if cfg["model"].get("conditioning") == "aux":
+    if judge is not None:
+        out.update(prdc(features(judge, val.images), features(judge, images)))
+        out["images"] = images
+    n_classes = len(cfg["data"]["classes"])
+    if cfg["model"].get("conditioning") in ("aux", "tac"):
         with torch.no_grad():
             logits = model.private_module()(to_tensor(val.images), torch.as_tensor(val.labels))
-        probs = torch.softmax(logits[:, 1:], dim=1).numpy()
+        probs = torch.softmax(logits[:, 1 : 1 + n_classes], dim=1).numpy()
         out["d_class_head_auc"] = classification_scores(probs, val.labels)["auc"]
     return out
+
+
+def save_grid(prefix: Path | None, name: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Two rows of 16 twin images per class, as ``<prefix>-<name>.png``."""
+    if prefix is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = np.unique(labels)
+    fig, axes = plt.subplots(2 * len(classes), 16, figsize=(16, 2.2 * len(classes)))
+    for r, ax_row in enumerate(axes):
+        shown = images[labels == classes[r // 2]][(r % 2) * 16 :][:16]
+        for ax, image in zip(ax_row, shown, strict=False):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        for ax in ax_row:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(f"{prefix}-{name}.png", dpi=60)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--every", type=int, default=0, help="also score every N rounds")
+    parser.add_argument("--png", type=Path, help="write each scored twin's image grid here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedtwin demo")
     args = parser.parse_args()
     cfg = load_config(args.overrides)
@@ -71,9 +102,16 @@ def main() -> None:
     rounds, steps, batch = int(fed["rounds"]), int(fed["local_steps"]), int(fed["batch_size"])
     train, val, _ = load_real_data(cfg)
     hospitals = simulate_hospitals(cfg, train)
+    judge = train_classifier(pooled_train(hospitals).images, pooled_train(hospitals).labels,
+                             n_classes, epochs=10, batch_size=128, lr=1e-3, seed=0)  # fmt: skip
+    features = uses_features(cfg)
     plans = [
         plan_from_config(
-            cfg["privacy"], n_train=len(h.train), batch_size=batch, total_steps=rounds * steps
+            cfg["privacy"],
+            n_train=len(h.train),
+            batch_size=batch,
+            total_steps=rounds * steps,
+            features=features,
         )  # fmt: skip
         for h in hospitals
     ]
@@ -81,15 +119,44 @@ def main() -> None:
         noisy_class_shares(h.train.labels, n_classes, p)
         for h, p in zip(hospitals, plans, strict=True)
     ]
-    histories = [[p.label_release()] if p.enabled else [] for p in plans]
+    histories = [p.one_shot_releases() if p.enabled else [] for p in plans]
     moments = [b""] * len(hospitals)
     twin_labels = label_mix(label_shares(hospitals), 4000, "federation", 0)
     torch.manual_seed(int(cfg["seed"]))
     image_size = cfg["data"]["image_size"]
-    weights = get_weights(build_model(cfg["model"], n_classes, image_size))
+    model = build_model(cfg["model"], n_classes, image_size)
+    result_extra = {}
+    if features:  # each hospital's one release, averaged by examples as FedAvg does
+        start = time.time()
+        rows = [
+            release_rows(
+                noisy_feature_sums(
+                    model.feature_map,
+                    h.train.images,
+                    h.train.labels,
+                    n_classes,
+                    p.feature_noise if p.enabled else 0.0,
+                ),
+                prior * len(h.train),
+                len(h.train),
+            )  # fmt: skip
+            for h, p, prior in zip(hospitals, plans, priors, strict=True)
+        ]
+        sizes = [len(h.train) for h in hospitals]
+        pooled = sum(r * n for r, n in zip(rows, sizes, strict=True)) / sum(sizes)
+        model.feature_release.copy_(torch.as_tensor(pooled))
+        rng = torch.Generator().manual_seed(int(cfg["seed"]))
+        trace = model.warm_start(int(fed["warm_start_steps"]), rng, progress=True)
+        result_extra = {"warm_start_s": time.time() - start, "warm_start_loss": trace}
+        warm = scores(cfg, [get_weights(model)], twin_labels, val, judge)
+        save_grid(args.png, "warm", warm.pop("images"), twin_labels)
+        result_extra["warm_start_scores"] = warm
+        tqdm.write(f"warm start: {warm}")
+    weights = get_weights(model)
     recent = deque(maxlen=int(cfg["twin"]["checkpoints"]))  # the twin's generators
     result = {"overrides": args.overrides, "sigma": [p.noise_multiplier for p in plans],
               "sample_rate": [p.sample_rate for p in plans], "rounds": {}}  # fmt: skip
+    result.update(result_extra)
     start = time.time()
     for rnd in tqdm(range(1, rounds + 1), desc="rounds"):
         updates = []
@@ -106,13 +173,16 @@ def main() -> None:
         weights = OrderedDict((k, sum(w[k] * n for w, n, _ in updates) / total) for k in weights)
         recent.append(weights)
         if rnd == rounds or (args.every and rnd % args.every == 0):
+            scored = scores(cfg, list(recent), twin_labels, val, judge)
+            save_grid(args.png, f"round{rnd}", scored.pop("images"), twin_labels)
             result["rounds"][rnd] = {
                 "train_s": time.time() - start,
                 "epsilon": [e for _, _, e in updates],
-                **scores(cfg, list(recent), twin_labels, val),
+                **scored,
             }
             tqdm.write(f"round {rnd}: {result['rounds'][rnd]}")
             write_json(args.out, result)
+    torch.save(list(recent), args.out.with_suffix(".pt"))  # the twin's generators, to study
 
 
 if __name__ == "__main__":

@@ -156,8 +156,11 @@ def train_secure(
     done: int,
     history: list[dict],
     train_config: dict,
+    *,
+    rounds: int,
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Train the rounds after ``done`` under SecAgg+; the final weights and all rounds."""
+    """Train ``rounds`` rounds after ``done`` under SecAgg+; the final weights and all
+    rounds."""
     fed = cfg["federation"]
     secagg = fed["secagg"]
     names = list(weights)
@@ -166,9 +169,7 @@ def train_secure(
         initial_parameters=ndarrays_to_parameters([weights[n] for n in names]),
     )  # fmt: skip
     strategy.resume(done, history)
-    legacy = LegacyContext(
-        context, config=ServerConfig(num_rounds=int(fed["rounds"]) - done), strategy=strategy
-    )
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
     workflow = SecAggPlus(
         num_shares=1.0,  # every hospital holds a share of every other's keys
         reconstruction_threshold=float(secagg["reconstruction_threshold"]),

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from logging import INFO
+import time
+from logging import INFO, WARNING
 from pathlib import Path
 
 from fedtwin.server.publish import publish_twin
 from fedtwin.server.secagg import train_secure
-from fedtwin.server.strategy import TwinFedAvg, load_checkpoint, recent_global_models
+from fedtwin.server.strategy import (
+    TwinFedAvg,
+    load_checkpoint,
+    recent_global_models,
+    save_checkpoint,
+)
 from fedtwin.server.traffic import MeteredGrid
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
@@ -19,7 +25,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedtwin import messages
 from fedtwin.config import check_config
 from fedtwin.models import build_model
-from fedtwin.training import get_weights
+from fedtwin.privacy import uses_features
+from fedtwin.training import get_weights, set_weights
 
 
 def initial_weights(cfg: dict) -> dict:
@@ -76,15 +83,21 @@ def train_and_publish(
         weights = saved
     train_config = {"local-steps": int(fed["local_steps"]), "federation": federation_id(cfg, out)}
     metered = MeteredGrid(grid)  # each round's record keeps its bytes per hospital
+    train = train_secure if fed["secure_aggregation"] else train_plain
+    kwargs = {} if fed["secure_aggregation"] else {"strategy_class": strategy_class}
+    if uses_features(cfg) and previous is None:
+        # Round 0: each hospital's one-shot feature release, averaged (under SecAgg+: only
+        # the sum is seen) like any round; then the server fits the generator to it.
+        release = {**train_config, messages.TASK: messages.RELEASE, "local-steps": 0}
+        weights, history = train(metered, context, cfg, out, weights, -1, history, release,
+                                 rounds=1, **kwargs)  # fmt: skip
+        done = 0
+    if history and history[0]["round"] == 0 and "warm_start" not in history[0]:
+        weights, history = warm_start(cfg, out, weights, history)
     if done < int(fed["rounds"]):
-        if fed["secure_aggregation"]:
-            weights, history = train_secure(
-                metered, context, cfg, out, weights, done, history, train_config
-            )
-        else:
-            weights, history = train_plain(
-                metered, cfg, out, weights, done, history, train_config, strategy_class
-            )
+        left = int(fed["rounds"]) - done
+        weights, history = train(metered, context, cfg, out, weights, done, history,
+                                 train_config, rounds=left, **kwargs)  # fmt: skip
     if not any(r["hospitals"] for r in history):
         refusals = [r for e in history for r in e["refused"]]
         why = f": {refusals[0]['reason']}" if refusals else ""
@@ -93,17 +106,43 @@ def train_and_publish(
     publish_twin(grid, cfg, out, recent_global_models(out, history, n), history)
 
 
+def warm_start(cfg: dict, out: Path, weights: dict, history: list[dict]) -> tuple[dict, list[dict]]:
+    """Fit the generator to the pooled feature release of round 0 (post-processing at the
+    server), and make that round's checkpoint the fitted model."""
+    import torch
+
+    model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
+    set_weights(model, weights)
+    if model.feature_target() is None:
+        log(WARNING, "no hospital released feature statistics: no warm start")
+        history[0]["warm_start"] = {"skipped": "no release"}
+        return weights, history
+    started = time.monotonic()
+    steps = int(cfg["federation"]["warm_start_steps"])
+    trace = model.warm_start(steps, torch.Generator().manual_seed(int(cfg["seed"])))
+    weights = get_weights(model)
+    seconds = time.monotonic() - started
+    history[0]["warm_start"] = {"seconds": seconds, "loss": trace}
+    log(INFO, "warm start: the generator fitted to the released statistics in %.0f s "
+        "(moment loss %.4f -> %.4f)", seconds, trace[0], trace[-1])  # fmt: skip
+    save_checkpoint(out, 0, messages.to_record(weights), history)
+    return weights, history
+
+
 def train_plain(
     grid: MeteredGrid,
+    context: Context,
     cfg: dict,
     out: Path,
     weights: dict,
     done: int,
     history: list[dict],
     train_config: dict,
+    *,
+    rounds: int,
     strategy_class: type[TwinFedAvg] = TwinFedAvg,
 ) -> tuple[dict, list[dict]]:
-    """Train the rounds after ``done`` with every update checked and averaged here."""
+    """Train ``rounds`` rounds after ``done`` with every update checked and averaged here."""
     fed = cfg["federation"]
     strategy = strategy_class(
         out=out,
@@ -118,7 +157,7 @@ def train_plain(
     result = strategy.start(
         grid=grid,
         initial_arrays=messages.to_record(weights),
-        num_rounds=int(fed["rounds"]) - done,
+        num_rounds=rounds,
         train_config=ConfigRecord(train_config),
     )
     return dict(messages.from_record(result.arrays)), strategy.rounds

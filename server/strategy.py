@@ -134,6 +134,9 @@ def describe_round(entry: dict) -> str:
     parts = []
     for name, m in entry["hospitals"].items():
         eps = "inf (DP off)" if m["epsilon"] == float("inf") else f"{m['epsilon']:.2f}"
+        if "loss_d" not in m:  # the feature release (round 0) trains nothing
+            parts.append(f"{name} eps {eps} released its feature sums")
+            continue
         parts.append(
             f"{name} eps {eps} loss_d {m.get('loss_d', 0):.3f} loss_g {m.get('loss_g', 0):.3f}"
         )
@@ -180,13 +183,14 @@ def load_checkpoint(out: Path) -> tuple[int, dict[str, np.ndarray], list[dict]] 
 
 
 def recent_global_models(out: Path, history: list[dict], n: int) -> list[tuple[int, dict]]:
-    """The global models of the last ``n`` rounds in ``history`` that made one (a
+    """The global models of the last ``n`` training rounds in ``history`` that made one (a
     hospital trained in it), oldest first, as (round, weights) from ``out/checkpoints``.
     Checkpoints of rounds outside ``history`` (another run's, in a reused folder) are
     never read."""
     if n < 1:
         raise ValueError(f"twin.checkpoints: expected 1 or more rounds, got {n}")
-    made = sorted({int(e["round"]) for e in history if e["hospitals"]})
+    # round 0 is the feature release (no training), not a generator the GAN made
+    made = sorted({int(e["round"]) for e in history if e["hospitals"] and e["round"] > 0})
     models = []
     for rnd in made[-n:]:
         path = checkpoint_path(out, rnd)

@@ -26,6 +26,8 @@ from fedtwin.config import check_config, load_config
         ("twin.checkpoints=0", "twin.checkpoints"),
         ("privacy.accountant=moments", "privacy.accountant"),
         ("privacy.max_grad_norm=-1", "privacy.max_grad_norm"),
+        ("privacy.feature_share=1", "privacy.feature_share"),
+        ("federation.warm_start_steps=-5", "federation.warm_start_steps"),
     ],
 )
 def test_a_setting_no_run_could_use_is_refused_naming_it(override: str, key: str) -> None:

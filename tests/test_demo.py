@@ -78,7 +78,9 @@ def test_demo_leaves_twin_and_report(demo_run):
 def test_reported_epsilon_equals_independent_accountant(demo_run, data_path):
     """Each hospital's epsilon = a fresh Opacus accountant over the steps it took; <= target."""
     out, _ = demo_run
-    cfg = load_config(["+experiment=tiny", f"data.path={data_path}"])
+    model = "dcgan" if "dcgan" in out.name else "ddpm"
+    cfg = load_config(["+experiment=tiny", f"data.path={data_path}", *MODELS[model]])
+    features = bool(cfg["model"].get("features"))  # the DCGAN's hospitals release them
     assert json.loads((out / "config.json").read_text())["privacy"] == cfg["privacy"]
     hospitals = simulate_hospitals(cfg, load_real_data(cfg)[0])
     history = json.loads((out / "history.json").read_text())["rounds"]
@@ -86,6 +88,10 @@ def test_reported_epsilon_equals_independent_accountant(demo_run, data_path):
     for h in hospitals:
         steps = sum(r["hospitals"][h.name]["steps"] for r in history if h.name in r["hospitals"])
         assert steps == fed["rounds"] * fed["local_steps"]
+        # the feature release's noise, as the hospital recorded it in its ledger
+        ledger = Ledger.existing(out / "ledgers" / f"{h.name}.sqlite")
+        feature_noise = [e.noise_multiplier for e in ledger.entries() if e.kind == "features"]
+        assert len(feature_noise) == int(features)
         plan = plan_privacy(
             enabled=True,
             epsilon=priv["epsilon"],
@@ -96,10 +102,14 @@ def test_reported_epsilon_equals_independent_accountant(demo_run, data_path):
             batch_size=fed["batch_size"],
             total_steps=steps,
             label_noise=priv["label_noise"],
+            feature_noise=feature_noise[0] if features else 0.0,
         )
         accountant = RDPAccountant()
-        # the class-count release (once), then every DP-SGD step
-        accountant.step(noise_multiplier=plan.label_noise, sample_rate=1.0)
+        # the class-count release and the feature-sum release (once each), then every
+        # DP-SGD step
+        accountant.step(noise_multiplier=priv["label_noise"], sample_rate=1.0)
+        if features:
+            accountant.step(noise_multiplier=feature_noise[0], sample_rate=1.0)
         for _ in range(steps):
             accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
         independent = accountant.get_epsilon(delta=priv["delta"])
@@ -108,9 +118,9 @@ def test_reported_epsilon_equals_independent_accountant(demo_run, data_path):
         assert reported <= priv["epsilon"]
         manifest = json.loads((out / "twin" / "manifest.json").read_text())
         assert manifest["privacy"]["epsilon_per_hospital"][h.name] == pytest.approx(reported)
-        # the hospital's ledger holds exactly that: one label release, one entry per round
-        ledger = Ledger.existing(out / "ledgers" / f"{h.name}.sqlite")
-        assert [e.kind for e in ledger.entries()] == ["labels"] + ["train"] * fed["rounds"]
+        # the hospital's ledger holds exactly that: the two releases, one entry per round
+        kinds = ["labels"] + ["features"] * features + ["train"] * fed["rounds"]
+        assert [e.kind for e in ledger.entries()] == kinds
         assert ledger.epsilon() == pytest.approx(independent, rel=1e-9)
 
 

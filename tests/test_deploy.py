@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 HOSPITALS = ("hospital-0", "hospital-1", "hospital-2")
 TINY = "+experiment=tiny twin.size=200 twin.dicom=false"
+TRAINING_ONLY = " model.features=null"  # dropout and crash tests: training rounds only
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_three_hospitals_over_tls_train_and_publish_a_twin(consortium):
     assert run["status"] == "finished:completed", run["logs"][-4000:]
 
     history = json.loads((out / "history.json").read_text())["rounds"]
-    assert len(history) == 2
+    assert [entry["round"] for entry in history] == [0, 1, 2]  # the feature release, 2 rounds
     for entry in history:
         assert set(entry["hospitals"]) == {"hospital-0", "hospital-1"}
         # SecAgg+ (the default): the sum of two, hospital-2 unmasked as a dropout
@@ -71,11 +72,11 @@ def test_three_hospitals_over_tls_train_and_publish_a_twin(consortium):
         assert any("budget" in r["reason"] for r in entry["refused"])  # hospital-2, at its budget
     for name in ("hospital-0", "hospital-1"):
         ledger = Ledger(c.root / name / "ledger.sqlite", delta=1e-5)
-        assert [e.kind for e in ledger.entries()] == ["labels", "train", "train"]
+        assert [e.kind for e in ledger.entries()] == ["labels", "features", "train", "train"]
         assert ledger.epsilon() == pytest.approx(history[-1]["hospitals"][name]["epsilon"])
         assert ledger.epsilon() <= 10.0
     spent = Ledger(c.root / "hospital-2" / "ledger.sqlite", delta=1e-5)
-    assert len(spent.entries()) == 1 and len(spent.refusals()) == 2
+    assert len(spent.entries()) == 1 and len(spent.refusals()) == 3  # rounds 0, 1, 2
 
     manifest = json.loads((out / "twin" / "manifest.json").read_text())
     assert manifest["size"] == 200 and manifest["rounds_completed"] == 2
@@ -101,7 +102,8 @@ def test_a_hospital_node_killed_mid_round_does_not_stop_the_run(tmp_path, data_p
     c = build(tmp_path, data_path, names)
     out = tmp_path / "out"
     try:
-        run_id = c.start_run(out, TINY + " federation.hospitals=4 federation.min_hospitals=4 "
+        run_id = c.start_run(out, TINY + TRAINING_ONLY + " federation.hospitals=4 "
+                             "federation.min_hospitals=4 "
                              "federation.rounds=3 federation.local_steps=20 "
                              "audit.override=node-failure-test")  # fmt: skip
 
@@ -145,7 +147,8 @@ def test_the_operator_crashes_and_training_resumes_from_the_last_completed_round
     names = ("hospital-0", "hospital-1", "hospital-2")
     c = build(tmp_path, data_path, names)
     out = tmp_path / "out"
-    overrides = TINY + " federation.hospitals=3 federation.min_hospitals=3 federation.rounds=2"
+    overrides = TINY + TRAINING_ONLY + " federation.hospitals=3 federation.min_hospitals=3"
+    overrides += " federation.rounds=2"
     overrides += " audit.override=operator-crash-test"
 
     def trained(name: str) -> list[int]:
@@ -178,6 +181,6 @@ def test_the_operator_crashes_and_training_resumes_from_the_last_completed_round
     for name in names:
         ledger = Ledger(tmp_path / name / "ledger.sqlite", delta=1e-5)
         assert trained(name) == [1, 2]  # round 2 answered again from the ledger, unpaid
-        assert [e.kind for e in ledger.entries()] == ["labels", "train", "train"]
+        assert [e.kind for e in ledger.entries()] == ["labels", "features", "train", "train"]
         assert ledger.epsilon() == pytest.approx(history[-1]["hospitals"][name]["epsilon"])
     assert (out / "twin" / "manifest.json").is_file()

@@ -128,3 +128,41 @@ def test_a_later_federation_plans_for_what_the_ledger_left():
     assert epsilon_spent(naive, 1e-5) > 30.0  # what planning without the ledger would do
     with pytest.raises(BudgetExceeded, match="earlier federations spent"):
         plan(epsilon=spent, total_steps=300, prior=earlier)
+
+
+@pytest.mark.parametrize("accountant,cls", [("rdp", RDPAccountant), ("prv", PRVAccountant)])
+def test_the_feature_release_is_planned_for_and_costs_dp_sgd_noise(accountant, cls):
+    without = plan(accountant=accountant)
+    p = plan(accountant=accountant, feature_noise=2.0)
+    assert p.one_shot_releases() == [(10.0, 1.0, 1), (2.0, 1.0, 1)]
+    acc = cls()
+    acc.history = [*p.one_shot_releases(), (p.noise_multiplier, p.sample_rate, p.total_steps)]
+    eps = acc.get_epsilon(delta=p.delta)
+    assert 0.9 * p.target_epsilon < eps <= p.target_epsilon
+    assert p.noise_multiplier > without.noise_multiplier  # the release is paid for
+    assert without.one_shot_releases() == [(10.0, 1.0, 1)]
+
+
+def test_a_feature_release_that_alone_spends_the_budget_is_refused():
+    with pytest.raises(ValueError, match="feature_noise"):
+        plan(feature_noise=0.2, epsilon=1.0)
+    with pytest.raises(ValueError, match="feature_noise"):
+        plan(feature_noise=-1.0)
+
+
+@pytest.mark.parametrize("epsilon", [10.0, 1.0])
+def test_the_feature_release_spends_its_share_of_what_the_class_counts_leave(epsilon):
+    privacy = {"enabled": True, "epsilon": epsilon, "delta": 1e-5, "max_grad_norm": 1.0,
+               "accountant": "rdp", "label_noise": 10.0, "feature_share": 0.5}  # fmt: skip
+    kw = dict(n_train=940, batch_size=128, total_steps=200)
+    p = plan_from_config(privacy, features=True, **kw)
+    acc = RDPAccountant()
+    acc.step(noise_multiplier=10.0, sample_rate=1.0)
+    counts = acc.get_epsilon(delta=1e-5)
+    acc.step(noise_multiplier=p.feature_noise, sample_rate=1.0)
+    releases = acc.get_epsilon(delta=1e-5)
+    half = counts + 0.5 * (epsilon - counts)
+    assert 0.99 * half <= releases <= half  # calibrated to its share, not over it
+    # the model without features releases none, and the DP-SGD steps get more of the budget
+    assert plan_from_config(privacy, **kw).feature_noise == 0.0
+    assert plan_from_config(privacy, **kw).noise_multiplier < p.noise_multiplier

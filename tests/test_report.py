@@ -80,3 +80,35 @@ def test_image_grid_tiles_row_major_and_pads():
     assert grid.shape == (6, 6)
     assert grid[0, 0] == 1 and grid[0, 3] == 2 and grid[2, 0] == 3 and grid[4, 0] == 5
     assert (grid[4:, 3:] == 0).all()
+
+
+def test_report_shows_coverage_beside_the_real_ceiling_and_per_class(tmp_path):
+    per_class = {
+        "0": {"precision": 0.91, "recall": 0.2, "density": 2.5, "coverage": 0.123},
+        "1": {"precision": 0.8, "recall": 0.6, "density": 0.9, "coverage": 0.654},
+    }
+    manifold = {
+        "k": 5,
+        "compared_size": 40,
+        "twin": {
+            "precision": 0.85,
+            "recall": 0.4,
+            "density": 1.7,
+            "coverage": 0.377,
+            "per_class": per_class,
+        },  # fmt: skip
+        "real_ceiling": {
+            "precision": 0.94,
+            "recall": 0.93,
+            "density": 1.01,
+            "coverage": 0.911,
+            "per_class": {},
+        },  # fmt: skip
+    }
+    page = report(tmp_path, evaluation={**EVALUATION, "manifold": manifold})
+    assert "coverage" in page and "real train (ceiling)" in page
+    for text in ("0.377", "0.911", "1.700"):
+        assert text in page
+    # each class's grid is headed by its coverage: a collapsed class shows its low figure
+    assert "normal — twin coverage 0.123" in page
+    assert "pneumonia — twin coverage 0.654" in page

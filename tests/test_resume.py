@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from fedtwin.server.server_app import make_server_app
 from fedtwin.server.strategy import TwinFedAvg, recent_global_models, save_checkpoint
 
@@ -39,7 +40,8 @@ def test_restart_resumes_and_no_ledger_entry_counts_twice(small_real, tmp_path, 
     hospitals = make_hospitals(Split(images, labels), 2, "iid", 0.5, 0.2, seed=0)
     cfg = load_config(
         ["+experiment=tiny", "federation.rounds=3", "twin.size=40", "twin.dicom=false",
-         "audit.override=resume-test", "federation.secure_aggregation=false"]
+         "audit.override=resume-test", "federation.secure_aggregation=false",
+         "model.features=null"]  # training rounds only: the release round has its own test
     )  # fmt: skip
     federate(cfg, hospitals, tmp_path / "clean")
 
@@ -66,6 +68,46 @@ def test_restart_resumes_and_no_ledger_entry_counts_twice(small_real, tmp_path, 
         rows, eps = accounting(crashed, h.name)
         clean_rows, clean_eps = accounting(tmp_path / "clean", h.name)
         assert rows == clean_rows and eps == pytest.approx(clean_eps, rel=1e-12)
+
+
+class CrashInRound1(TwinFedAvg):
+    """The operator's machine goes down in round 1, after the feature release (round 0)."""
+
+    def aggregate_train(self, server_round, replies):
+        if server_round + self.offset == 1:
+            raise SystemExit("the operator's machine went down")
+        return super().aggregate_train(server_round, replies)
+
+
+def test_a_crash_after_the_feature_release_neither_repeats_nor_repays_it(
+    small_real, tmp_path, federate
+):
+    images, labels = small_real
+    hospitals = make_hospitals(Split(images, labels), 2, "iid", 0.5, 0.2, seed=0)
+    cfg = load_config(
+        ["+experiment=tiny", "federation.rounds=2", "twin.size=40", "twin.dicom=false",
+         "audit.override=resume-test", "federation.secure_aggregation=false"]
+    )  # fmt: skip
+    out = tmp_path / "crashed"
+    try:
+        federate(cfg, hospitals, out, make_server_app(cfg, out, CrashInRound1))
+    except (SystemExit, Exception):
+        pass
+    assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["round-000.pt"]
+    released = torch.load(out / "checkpoints" / "round-000.pt")["weights"]
+    history = json.loads((out / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in history] == [0] and "loss" in history[0]["warm_start"]
+
+    federate(cfg, hospitals, out)  # restarted: goes on with round 1 from the fitted model
+    history = json.loads((out / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in history] == [0, 1, 2]
+    again = torch.load(out / "checkpoints" / "round-000.pt")["weights"]
+    assert all(torch.equal(released[k], again[k]) for k in released)  # not fitted twice
+    for h in hospitals:
+        rows, _ = accounting(out, h.name)
+        assert [kind for kind, *_ in rows] == ["labels", "features", "train", "train"]
+    manifest = json.loads((out / "twin" / "manifest.json").read_text())
+    assert manifest["generator_rounds"] == [1, 2]  # the release round made no generator
 
 
 def test_the_twin_reads_the_last_rounds_that_made_a_global_model(tmp_path):

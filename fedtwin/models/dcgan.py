@@ -5,6 +5,12 @@ an AC-GAN discriminator: it sees the image only, and besides its real/fake logit
 predicts the class, a head trained on real images; the generator learns to make images of
 the class it was asked for. The discriminator is the only module that sees real images,
 so it is the one trained with DP-SGD; the generator only learns through it.
+
+With ``features`` set, the model also carries the consortium's pooled, noisy per-class
+feature statistics (``fedtwin.features``, released once by each hospital) as a buffer
+exchanged with the weights: the generator is fitted to them at the server before training
+(``warm_start``) and keeps them as an anchor in its loss (``anchor``) while the GAN
+refines it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtwin.features import FeatureConfig, FeatureMap, class_means, moment_loss
 from fedtwin.models.base import TwinGenerator, private_step
 
 
@@ -36,6 +43,18 @@ class DCGANConfig:
     # in AC-GAN) or "planes" (one-hot planes stacked on the image, as in cGAN).
     conditioning: str = "aux"
     aux_weight: float = 3.0  # weight of the class loss with "aux"
+    # "nearest": upsample, then a 3 x 3 convolution (no checkerboard); "transposed": 4 x 4
+    # transposed convolutions of stride 2
+    upsample: str = "nearest"
+    # Train D's class head on logits shifted by the log of the hospital's (noisy) label mix
+    # (logit adjustment): its logits then score the image alone, the same at every
+    # hospital whatever its label mix, so averaging heads trained on skewed mixes agrees.
+    class_balance: bool = True
+    # The DP feature statistics (fedtwin.features.FeatureConfig fields), or None for none
+    features: dict | None = None
+    anchor: float = 1.0  # weight of the feature-moment term in G's loss (needs features)
+    warm_start_batch: int = 128  # generated images per class per warm-start step
+    warm_start_lr: float = 1e-3
 
 
 class Generator(nn.Module):
@@ -45,6 +64,8 @@ class Generator(nn.Module):
         super().__init__()
         if cfg.image_size % 4:
             raise ValueError(f"data.image_size must be a multiple of 4, got {cfg.image_size}")
+        if cfg.upsample not in ("nearest", "transposed"):
+            raise ValueError(f"model.upsample={cfg.upsample!r}: expected 'nearest' or 'transposed'")
         self.base = cfg.image_size // 4
         w = cfg.g_width
         self.embed = nn.Embedding(cfg.n_classes, cfg.latent_dim)
@@ -54,10 +75,10 @@ class Generator(nn.Module):
             nn.ReLU(),
         )
         self.up = nn.Sequential(
-            nn.ConvTranspose2d(4 * w, 2 * w, 4, stride=2, padding=1),  # base -> 2 base
+            _upsample(4 * w, 2 * w, cfg.upsample),  # base -> 2 base
             nn.BatchNorm2d(2 * w),
             nn.ReLU(),
-            nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1),  # 2 base -> 4 base
+            _upsample(2 * w, w, cfg.upsample),  # 2 base -> 4 base
             nn.BatchNorm2d(w),
             nn.ReLU(),
             nn.Conv2d(w, 1, 3, padding=1),
@@ -67,6 +88,17 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(torch.cat([z, self.embed(y)], dim=1))
         return self.up(h.view(z.shape[0], -1, self.base, self.base))
+
+
+def _upsample(channels_in: int, channels_out: int, how: str) -> nn.Module:
+    """Double the resolution. Transposed convolutions of stride 2 overlap unevenly and
+    leave checkerboards (Odena et al. 2016); resizing first, then convolving, does not."""
+    if how == "transposed":
+        return nn.ConvTranspose2d(channels_in, channels_out, 4, stride=2, padding=1)
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(channels_in, channels_out, 3, padding=1),
+    )
 
 
 class Discriminator(nn.Module):
@@ -82,14 +114,15 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: DCGANConfig):
         super().__init__()
         k = cfg.n_classes
-        outputs = {"planes": 1, "aux": 1 + k}
+        outputs = {"planes": 1, "aux": 1 + k, "tac": 1 + 2 * k}
         if cfg.conditioning not in outputs:
             raise ValueError(
                 f"model.conditioning={cfg.conditioning!r}: expected one of {', '.join(outputs)}"
             )
         w = cfg.d_width
         self.n_classes = k
-        self.classifies = cfg.conditioning == "aux"  # class logits after the real/fake one
+        self.classifies = cfg.conditioning in ("aux", "tac")  # class logits after real/fake
+        self.twin_head = cfg.conditioning == "tac"  # then a second head, for generated images
         self.features = nn.Sequential(
             nn.Conv2d(1 + (not self.classifies) * k, w, 4, stride=2, padding=1),  # S -> S/2
             nn.LeakyReLU(0.2),
@@ -121,6 +154,21 @@ class DCGAN(TwinGenerator):
         self.generator = Generator(cfg)
         self.discriminator = Discriminator(cfg)
         self._d_steps_done = 0
+        self.feature_map: FeatureMap | None = None
+        if cfg.features is not None:
+            self.feature_map = FeatureMap(FeatureConfig(**_tuples(cfg.features)), cfg.image_size)
+            # The pooled release: per class, feature sums and image count over the
+            # consortium's total image count (fedtwin.features.release_rows); zeros until
+            # the hospitals have released them.
+            rows = torch.zeros(cfg.n_classes, self.feature_map.dim + 1)
+            self.register_buffer("feature_release", rows)
+
+    def feature_target(self) -> torch.Tensor | None:
+        """The class means ``(K, D)`` the generator is anchored to, or None before the
+        release (or without features)."""
+        if self.feature_map is None or not bool((self.feature_release[:, -1] > 0).any()):
+            return None
+        return class_means(self.feature_release)
 
     def private_module(self) -> nn.Module:
         return self.discriminator
@@ -131,11 +179,6 @@ class DCGAN(TwinGenerator):
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.lr_g, betas=betas)
         return opt_d, [opt_g]
 
-    def _fake(self, n: int, rng: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.randn(n, self.cfg.latent_dim, generator=rng).to(device)
-        y = self._labels(n, rng).to(device)
-        return self.generator(z, y), y
-
     def _labels(self, n: int, rng: torch.Generator) -> torch.Tensor:
         if self.label_prior is None:
             return torch.randint(0, self.n_classes, (n,), generator=rng)
@@ -144,12 +187,17 @@ class DCGAN(TwinGenerator):
     def train_step(self, private, real, labels, private_opt, other_opts, expected_batch, rng):
         device = real.device
         (opt_g,) = other_opts
+        # One generated batch serves both players: two halves with the same labels and
+        # different noise (the mode-seeking term compares them). It depends on no real image.
+        half = max(1, expected_batch // 2)  # BatchNorm needs 2 images
+        z = torch.randn(2 * half, self.cfg.latent_dim, generator=rng).to(device)
+        fake_y = self._labels(half, rng).repeat(2).to(device)
+        fake = self.generator(z, fake_y)
+
         # Discriminator. Generated images are data-independent: their gradient is exact.
-        with torch.no_grad():
-            fake, fake_y = self._fake(max(2, expected_batch), rng, device)  # BatchNorm needs 2
         params = [p for p in private.parameters() if p.requires_grad]
         with _hooks_off(private):
-            loss_fake = self._d_loss(private(fake, fake_y), fake_y, real=False).mean()
+            loss_fake = self._d_loss(private(fake.detach(), fake_y), fake_y, real=False).mean()
             fake_grads = dict(zip(params, torch.autograd.grad(loss_fake, params), strict=True))
         # Real images: per-sample gradients, clipped and noised by the DP optimizer.
         private_opt.zero_grad(set_to_none=True)
@@ -162,48 +210,96 @@ class DCGAN(TwinGenerator):
         if self._d_steps_done % self.cfg.d_steps:
             return {"loss_d": loss_d.item()}
 
-        # Generator: learns only through the (already private) discriminator.
+        # Generator: learns only through the (already private) discriminator and the
+        # already released feature statistics.
         with _hooks_off(private):
             opt_g.zero_grad(set_to_none=True)
-            loss_g = self._generator_loss(private, expected_batch, rng, device)
-            loss_g.backward()
+            losses = self._generator_loss(private, fake, fake_y, z)
+            losses["loss_g"].backward()
             opt_g.step()
             private_opt.zero_grad(set_to_none=True)
-        return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
+        return {"loss_d": loss_d.item(), **{k: v.item() for k, v in losses.items()}}
 
     def _d_loss(self, out: torch.Tensor, y: torch.Tensor, real: bool) -> torch.Tensor:
         """Per-image discriminator loss: real/fake, plus (AC-GAN) the class of real images.
 
         The class head learns from real images only; generated ones would teach it the
-        generator's mistakes.
+        generator's mistakes. With ``class_balance`` its logits are shifted by the log of
+        the hospital's label mix while training, so the unshifted logits (what the
+        generator is trained against) carry no hospital's prior.
         """
         target = torch.full((len(out),), float(real), device=out.device)
         loss = F.binary_cross_entropy_with_logits(out[:, 0], target, reduction="none")
+        k = self.n_classes
+        if not real and self.discriminator.twin_head:  # TAC-GAN: learn the generator's classes
+            loss = loss + self.cfg.aux_weight * F.cross_entropy(
+                out[:, 1 + k :], y, reduction="none"
+            )
         if real and self.discriminator.classifies:
-            loss = loss + self.cfg.aux_weight * F.cross_entropy(out[:, 1:], y, reduction="none")
+            logits = out[:, 1 : 1 + k]
+            if self.cfg.class_balance and self.label_prior is not None:
+                logits = logits + self.label_prior.to(logits.device).clamp(min=1e-4).log()
+            loss = loss + self.cfg.aux_weight * F.cross_entropy(logits, y, reduction="none")
         return loss
 
-    def _generator_loss(self, private, n: int, rng: torch.Generator, device) -> torch.Tensor:
-        """Non-saturating GAN loss, the class loss (AC-GAN) and the mode-seeking term (Mao
-        et al., 2019).
+    def _generator_loss(self, private, fake, y, z) -> dict[str, torch.Tensor]:
+        """Non-saturating GAN loss, the class loss (AC-GAN), the mode-seeking term (Mao et
+        al., 2019) and the feature anchor; ``loss_g`` is their weighted sum.
 
-        The batch is two halves with the same labels and different noise; the mode-seeking
-        term grows when two noise vectors give nearly the same image, which is what collapse
-        looks like. None of this touches real data, so it costs no privacy.
+        ``fake`` is two halves with the same labels and different noise; the mode-seeking
+        term grows when two noise vectors give nearly the same image, which is what
+        collapse looks like. The anchor is the distance of the generated images' features
+        from the released class means. None of this touches real data.
         """
-        half = max(1, n // 2)
-        z = torch.randn(2 * half, self.cfg.latent_dim, generator=rng).to(device)
-        y = self._labels(half, rng).repeat(2).to(device)
-        fake = self.generator(z, y)
         out = private(fake, y)
-        loss = F.binary_cross_entropy_with_logits(out[:, 0], torch.ones(len(fake), device=device))
+        ones = torch.ones(len(fake), device=fake.device)
+        loss = F.binary_cross_entropy_with_logits(out[:, 0], ones)
+        k = self.n_classes
         if self.discriminator.classifies:  # AC-GAN: images D classifies as their label
-            loss = loss + self.cfg.aux_weight * F.cross_entropy(out[:, 1:], y)
+            loss = loss + self.cfg.aux_weight * F.cross_entropy(out[:, 1 : 1 + k], y)
+        if self.discriminator.twin_head:  # TAC-GAN: ... but not more clearly than its own
+            loss = loss - self.cfg.aux_weight * F.cross_entropy(out[:, 1 + k :], y)
         if self.cfg.mode_seeking > 0:
+            half = len(fake) // 2
             image_gap = (fake[:half] - fake[half:]).abs().mean(dim=(1, 2, 3))
             noise_gap = (z[:half] - z[half:]).abs().mean(dim=1)
             loss = loss + self.cfg.mode_seeking / ((image_gap / noise_gap).mean() + 1e-5)
-        return loss
+        losses = {}
+        target = self.feature_target()
+        if target is not None and self.cfg.anchor > 0:
+            anchor = moment_loss(self.feature_map(fake), y, target.to(fake.device))
+            loss = loss + self.cfg.anchor * anchor
+            losses["loss_anchor"] = anchor
+        return {"loss_g": loss, **losses}
+
+    def warm_start(self, steps: int, rng: torch.Generator, progress: bool = False) -> list[float]:
+        """Fit the generator to the released class means (``feature_release``) alone for
+        ``steps`` steps: the server's post-processing before DP-GAN training. Classes are
+        drawn in proportion to their released counts. Returns the loss every 50 steps."""
+        from tqdm import tqdm
+
+        target = self.feature_target()
+        if target is None:
+            raise RuntimeError("warm_start: no feature statistics released yet")
+        counts = self.feature_release[:, -1].clamp(min=0)
+        shares = (counts / counts.sum()).clamp(min=1.0 / (10 * self.n_classes))
+        opt = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.warm_start_lr,
+                               betas=(0.5, 0.999))  # fmt: skip
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+        n = self.cfg.warm_start_batch * self.n_classes
+        self.generator.train()
+        trace = []
+        for step in tqdm(range(steps), desc="warm start", disable=not progress, leave=False):
+            y = torch.multinomial(shares, n, replacement=True, generator=rng)
+            z = torch.randn(n, self.cfg.latent_dim, generator=rng)
+            loss = moment_loss(self.feature_map(self.generator(z, y)), y, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            if step % 50 == 0 or step == steps - 1:
+                trace.append(loss.item())
+        return trace
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
@@ -213,6 +309,11 @@ class DCGAN(TwinGenerator):
         out = self.generator(z.to(labels.device), labels)
         self.generator.train(was_training)
         return out
+
+
+def _tuples(fields: dict) -> dict:
+    """Config lists (Hydra gives lists) as the tuples a frozen dataclass keeps."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
 
 
 @contextmanager
