@@ -60,7 +60,7 @@ def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None) -
         out.update(prdc(features(judge, val.images), features(judge, images)))
         out["images"] = images
     n_classes = len(cfg["data"]["classes"])
-    if cfg["model"].get("conditioning") in ("aux", "tac"):
+    if cfg["model"].get("conditioning") == "aux":
         with torch.no_grad():
             logits = model.private_module()(to_tensor(val.images), torch.as_tensor(val.labels))
         probs = torch.softmax(logits[:, 1 : 1 + n_classes], dim=1).numpy()

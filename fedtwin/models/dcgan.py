@@ -114,15 +114,14 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: DCGANConfig):
         super().__init__()
         k = cfg.n_classes
-        outputs = {"planes": 1, "aux": 1 + k, "tac": 1 + 2 * k}
+        outputs = {"planes": 1, "aux": 1 + k}
         if cfg.conditioning not in outputs:
             raise ValueError(
                 f"model.conditioning={cfg.conditioning!r}: expected one of {', '.join(outputs)}"
             )
         w = cfg.d_width
         self.n_classes = k
-        self.classifies = cfg.conditioning in ("aux", "tac")  # class logits after real/fake
-        self.twin_head = cfg.conditioning == "tac"  # then a second head, for generated images
+        self.classifies = cfg.conditioning == "aux"  # class logits after the real/fake one
         self.features = nn.Sequential(
             nn.Conv2d(1 + (not self.classifies) * k, w, 4, stride=2, padding=1),  # S -> S/2
             nn.LeakyReLU(0.2),
@@ -230,13 +229,8 @@ class DCGAN(TwinGenerator):
         """
         target = torch.full((len(out),), float(real), device=out.device)
         loss = F.binary_cross_entropy_with_logits(out[:, 0], target, reduction="none")
-        k = self.n_classes
-        if not real and self.discriminator.twin_head:  # TAC-GAN: learn the generator's classes
-            loss = loss + self.cfg.aux_weight * F.cross_entropy(
-                out[:, 1 + k :], y, reduction="none"
-            )
         if real and self.discriminator.classifies:
-            logits = out[:, 1 : 1 + k]
+            logits = out[:, 1:]
             if self.cfg.class_balance and self.label_prior is not None:
                 logits = logits + self.label_prior.to(logits.device).clamp(min=1e-4).log()
             loss = loss + self.cfg.aux_weight * F.cross_entropy(logits, y, reduction="none")
@@ -254,11 +248,8 @@ class DCGAN(TwinGenerator):
         out = private(fake, y)
         ones = torch.ones(len(fake), device=fake.device)
         loss = F.binary_cross_entropy_with_logits(out[:, 0], ones)
-        k = self.n_classes
         if self.discriminator.classifies:  # AC-GAN: images D classifies as their label
-            loss = loss + self.cfg.aux_weight * F.cross_entropy(out[:, 1 : 1 + k], y)
-        if self.discriminator.twin_head:  # TAC-GAN: ... but not more clearly than its own
-            loss = loss - self.cfg.aux_weight * F.cross_entropy(out[:, 1 + k :], y)
+            loss = loss + self.cfg.aux_weight * F.cross_entropy(out[:, 1:], y)
         if self.cfg.mode_seeking > 0:
             half = len(fake) // 2
             image_gap = (fake[:half] - fake[half:]).abs().mean(dim=(1, 2, 3))
