@@ -137,13 +137,7 @@ def plan_privacy(
             + (" or privacy.feature_noise" if feature_noise else "")
         )
     prior = tuple(tuple(h) for h in prior)
-    before = epsilon_spent([*prior, *releases], delta, accountant)
-    if prior and before >= epsilon:
-        raise BudgetExceeded(
-            f"refused: earlier federations spent epsilon "
-            f"{epsilon_spent(list(prior), delta, accountant):.3f} of this hospital's budget "
-            f"{epsilon:g}; nothing is left for this one"
-        )
+    _refuse_if_spent(prior, releases, epsilon, delta, accountant)
     sigma = _calibrated_sigma(epsilon, delta, q, total_steps, releases, accountant, prior)
     return PrivacyPlan(
         True,
@@ -193,6 +187,19 @@ def plan_from_config(
     return plan_privacy(**settings, n_train=n_train, batch_size=batch_size, total_steps=total_steps)
 
 
+def _refuse_if_spent(
+    prior: tuple, releases: tuple, epsilon: float, delta: float, accountant: str
+) -> None:
+    """BudgetExceeded when earlier federations (``prior``) and this one's one-shot
+    ``releases`` already reach ``epsilon``: a refusal, not a configuration error."""
+    if prior and epsilon_spent([*prior, *releases], delta, accountant) >= epsilon:
+        raise BudgetExceeded(
+            f"refused: earlier federations spent epsilon "
+            f"{epsilon_spent(list(prior), delta, accountant):.3f} of this hospital's budget "
+            f"{epsilon:g}; nothing is left for this one"
+        )
+
+
 @functools.lru_cache(maxsize=64)
 def feature_noise_for(
     share: float, *, epsilon: float, delta: float, label_noise: float, accountant: str,
@@ -204,6 +211,7 @@ def feature_noise_for(
     epsilon."""
     if not 0 < share < 1:
         raise ValueError(f"privacy.feature_share must lie in (0, 1), got {share}")
+    _refuse_if_spent(prior, (label_release(label_noise),), epsilon, delta, accountant)
     before = epsilon_spent([*prior, label_release(label_noise)], delta, accountant)
     if before >= epsilon:
         raise ValueError(

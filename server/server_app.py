@@ -119,7 +119,8 @@ def warm_start(cfg: dict, out: Path, weights: dict, history: list[dict]) -> tupl
         return weights, history
     started = time.monotonic()
     steps = int(cfg["federation"]["warm_start_steps"])
-    trace = model.warm_start(steps, torch.Generator().manual_seed(int(cfg["seed"])))
+    log(INFO, "warm start: fitting the generator to the released statistics (%d steps)", steps)
+    trace = model.warm_start(steps, torch.Generator().manual_seed(int(cfg["seed"])), progress=True)
     weights = get_weights(model)
     seconds = time.monotonic() - started
     history[0]["warm_start"] = {"seconds": seconds, "loss": trace}

@@ -27,6 +27,16 @@ def test_every_feature_vector_has_norm_one_so_the_release_has_sensitivity_one(sm
     assert torch.equal(phi, embed(FeatureMap(CONFIG, 28), small_real[0][:50]))
 
 
+def test_with_the_patch_block_no_image_has_norm_above_one(small_real):
+    fmap = FeatureMap(FeatureConfig(features=240, patch=4, patch_stride=2, patch_features=64), 28)
+    noise = np.random.default_rng(0).integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    flat = np.full((2, 28, 28), 128, dtype=np.uint8)  # every patch alike: the largest norm
+    phi = embed(fmap, np.concatenate([small_real[0][:50], noise, flat]))
+    assert phi.shape == (102, 240 + 64)
+    assert (phi.norm(dim=1) <= 1 + 1e-5).all()
+    assert phi[-1].norm() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_noise_free_sums_are_the_class_sums_and_noise_has_the_planned_std(small_real):
     images, labels = small_real
     fmap = FeatureMap(CONFIG, 28)

@@ -166,3 +166,15 @@ def test_the_feature_release_spends_its_share_of_what_the_class_counts_leave(eps
     # the model without features releases none, and the DP-SGD steps get more of the budget
     assert plan_from_config(privacy, **kw).feature_noise == 0.0
     assert plan_from_config(privacy, **kw).noise_multiplier < p.noise_multiplier
+
+
+def test_a_hospital_whose_ledger_is_spent_refuses_a_federation_with_features():
+    """Refused (BudgetExceeded: on the ledger's record), not a configuration error."""
+    privacy = {"enabled": True, "epsilon": 10.0, "delta": 1e-5, "max_grad_norm": 1.0,
+               "accountant": "rdp", "label_noise": 10.0, "feature_share": 0.5}  # fmt: skip
+    spent = [(0.5, 1.0, 100)]
+    assert epsilon_spent(spent, 1e-5) > 10.0
+    for features in (True, False):
+        with pytest.raises(BudgetExceeded, match="earlier federations spent"):
+            plan_from_config(privacy, n_train=940, batch_size=128, total_steps=200,
+                             features=features, prior=spent)  # fmt: skip

@@ -39,7 +39,8 @@ class RecordingGrid:
 def tiny(hospitals: int, *more: str) -> dict:
     return load_config(
         ["+experiment=tiny", f"federation.hospitals={hospitals}", "federation.rounds=1",
-         "twin.size=40", "twin.dicom=false", "audit.override=secure-aggregation-test", *more]
+         "twin.size=40", "twin.dicom=false", "audit.override=secure-aggregation-test",
+         "model.features=null", *more]  # the training round alone
     )  # fmt: skip
 
 

@@ -60,7 +60,8 @@ def faulty(msg, context, call_next):
 def tiny(hospitals, *more):
     return load_config(
         ["+experiment=tiny", f"federation.hospitals={len(hospitals)}", "federation.rounds=1",
-         "twin.size=40", "twin.dicom=false", "audit.override=update-check-test", *more]
+         "twin.size=40", "twin.dicom=false", "audit.override=update-check-test",
+         "model.features=null", *more]  # the training round alone
     )  # fmt: skip
 
 

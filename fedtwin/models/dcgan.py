@@ -52,7 +52,7 @@ class DCGANConfig:
     class_balance: bool = True
     # The DP feature statistics (fedtwin.features.FeatureConfig fields), or None for none
     features: dict | None = None
-    anchor: float = 1.0  # weight of the feature-moment term in G's loss (needs features)
+    anchor: float = 50.0  # weight of the feature-moment term in G's loss (needs features)
     warm_start_batch: int = 128  # generated images per class per warm-start step
     warm_start_lr: float = 1e-3
 
