@@ -4,7 +4,8 @@
       TSTR/TRTR on val, Fréchet distance, precision/recall/density/coverage, wall time
       (runs the `fedtwin demo` command; --runs independent runs, all kept)
   (b) the same generator and plan trained centrally: one hospital holding all the data
-  (i) the demo's setting at epsilon 1 (--runs runs)
+      (--runs runs)
+  (i) the demo's setting at epsilon 1 (--eps1-runs runs)
   (c) the baseline a twin must beat: a DP-SGD classifier trained federated at the same
       epsilon directly on the real data (same hospitals)
   (d) throughput: DP vs non-DP local training samples/s for the same model, generation
@@ -24,7 +25,7 @@
       round against the same local compute alone (overhead ratio), and the bytes sent per
       round to and from each hospital
 
-Usage: python scripts/benchmark.py --out runs/benchmark.json [--quick] [--runs 3]
+Usage: python scripts/benchmark.py --out runs/benchmark.json [--quick] [--runs 3] [--eps1-runs 1]
        [--parts a,b,c,d,e,f,g,h,i] [--last-round-alone] [hydra overrides...]. Each part is
 written as soon as it ends; a failed part records its error and the others still run.
 """
@@ -164,7 +165,7 @@ def part_i(out_dir: Path, overrides: list[str], runs: int) -> dict:
     return repeated(out_dir / "i_epsilon_1", [*SETTING, *overrides, "privacy.epsilon=1"], runs)
 
 
-def part_b(out_dir: Path, overrides: list[str]) -> dict:
+def part_b(out_dir: Path, overrides: list[str], runs: int) -> dict:
     # one hospital: there is no sum to hide an update in, so no secure aggregation
     central = [
         *SETTING,
@@ -173,10 +174,9 @@ def part_b(out_dir: Path, overrides: list[str]) -> dict:
         "federation.secure_aggregation=false",
     ]
     return {
-        "setting": central,
         "note": "the same generator and privacy plan on the pooled training images of the "
         "4 hospitals' split (one hospital, same rounds x local steps, same epsilon)",
-        **run_demo_command(out_dir / "b_central", central),
+        **repeated(out_dir / "b_central", central, runs),
     }
 
 
@@ -633,7 +633,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
     parser.add_argument("--parts", default="a,b,c,d,e,f,g,h,i", help="comma-separated subset")
     parser.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
-    parser.add_argument("--runs", type=int, default=3, help="independent runs of (a) and (i)")
+    parser.add_argument("--runs", type=int, default=3, help="independent runs of (a) and (b)")
+    parser.add_argument("--eps1-runs", type=int, default=1, help="independent runs of (i)")
     parser.add_argument("--last-round-alone", action="store_true",
                         help="also score the last round alone (slower)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every part")
@@ -660,14 +661,14 @@ def main() -> int:
     }
     parts = {
         "a": ("a_federated", lambda: part_a(out_dir, overrides, args.runs)),
-        "b": ("b_central", lambda: part_b(out_dir, overrides)),
+        "b": ("b_central", lambda: part_b(out_dir, overrides, args.runs)),
         "c": ("c_dp_classifier_baseline", lambda: part_c(cfg)),
         "d": ("d_throughput", lambda: part_d(cfg)),
         "e": ("e_audit", lambda: part_e(cfg)),
         "f": ("f_catalog", lambda: part_f(cfg)),
         "g": ("g_ddpm", lambda: part_g(out_dir, overrides, args.quick)),
         "h": ("h_deployment", lambda: part_h(cfg, out_dir, overrides)),
-        "i": ("i_epsilon_1", lambda: part_i(out_dir, overrides, args.runs)),
+        "i": ("i_epsilon_1", lambda: part_i(out_dir, overrides, args.eps1_runs)),
     }
     for key in args.parts.split(","):
         name, run = parts[key.strip()]
@@ -700,10 +701,10 @@ def demo_line(name: str, r: dict) -> str:
 
 def summary_lines(result: dict) -> str:
     lines = []
-    for name in ("a_federated", "i_epsilon_1"):
+    for name in ("a_federated", "b_central", "i_epsilon_1"):
         for i, r in enumerate(result.get(name, {}).get("runs", [])):
             lines.append(demo_line(f"{name} run {i + 1}", r))
-    for name in ("b_central", "g_ddpm"):
+    for name in ("g_ddpm",):
         r = result.get(name, {})
         if "tstr" in r:
             lines.append(demo_line(name, r))
