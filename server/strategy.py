@@ -134,12 +134,11 @@ def describe_round(entry: dict) -> str:
     parts = []
     for name, m in entry["hospitals"].items():
         eps = "inf (DP off)" if m["epsilon"] == float("inf") else f"{m['epsilon']:.2f}"
-        if "loss_d" not in m:  # the feature release (round 0) trains nothing
+        if entry["round"] == 0:  # the feature release trains nothing
             parts.append(f"{name} eps {eps} released its feature sums")
             continue
-        parts.append(
-            f"{name} eps {eps} loss_d {m.get('loss_d', 0):.3f} loss_g {m.get('loss_g', 0):.3f}"
-        )
+        losses = " ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("loss"))
+        parts.append(f"{name} eps {eps} {losses}".rstrip())
     parts += [
         f"node {r['node']} refused: {r['reason']}" if r.get("node") else f"refused: {r['reason']}"
         for r in entry["refused"]
