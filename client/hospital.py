@@ -221,12 +221,7 @@ def _feature_rows(
     noise = plan.feature_noise if plan.enabled else 0.0
     sums = noisy_feature_sums(model.feature_map, hospital.train.images, labels, n_classes, noise)
     rows = release_rows(sums, shares * len(labels), len(labels))
-    if plan.enabled:
-        release = plan.feature_release()
-        if ledger.epsilon([*ledger.history(), release]) > plan.target_epsilon + 1e-9:
-            raise BudgetExceeded("the feature-sum release would pass the budget")
-    else:
-        release = (0.0, 1.0, 1)  # exact sums: no guarantee, recorded as such
+    release = _one_shot_release(ledger, plan, plan.feature_release, "the feature-sum release")
     buffer = io.BytesIO()
     np.save(buffer, rows, allow_pickle=False)
     ledger.commit("features", request, release, buffer.getvalue(), run=run)
@@ -255,11 +250,18 @@ def _label_shares(
     if answered:
         return np.asarray(json.loads(answered), dtype=np.float64)
     shares = noisy_class_shares(labels, n_classes, plan)
-    if plan.enabled:
-        release = plan.label_release()
-        if ledger.epsilon([*ledger.history(), release]) > plan.target_epsilon + 1e-9:
-            raise BudgetExceeded("the class-count release would pass the budget")
-    else:
-        release = (0.0, 1.0, 1)  # exact counts: no guarantee, recorded as such
+    release = _one_shot_release(ledger, plan, plan.label_release, "the class-count release")
     ledger.commit("labels", request, release, json.dumps(shares.tolist()).encode(), run=run)
     return shares
+
+
+def _one_shot_release(ledger: Ledger, plan: PrivacyPlan, release, what: str) -> tuple:
+    """The ledger entry of a one-shot release (``release()`` gives it under DP), refused
+    with BudgetExceeded if it would pass the budget; with DP off, exact values: no
+    guarantee, recorded as such."""
+    if not plan.enabled:
+        return (0.0, 1.0, 1)
+    entry = release()
+    if ledger.epsilon([*ledger.history(), entry]) > plan.target_epsilon + 1e-9:
+        raise BudgetExceeded(f"{what} would pass the budget")
+    return entry
