@@ -26,6 +26,7 @@ from fedtwin import pki
 from fedtwin.server.deploy import write_app
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr
+FLWR_POLL = 3.0  # seconds between checks that run the flwr CLI (see wait_for)
 
 
 def free_port() -> int:
@@ -34,8 +35,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(what: str, check: Callable, timeout: float, proc: subprocess.Popen | None = None):
-    """Poll ``check`` until it returns something true; TimeoutError after ``timeout`` s."""
+def wait_for(
+    what: str,
+    check: Callable,
+    timeout: float,
+    proc: subprocess.Popen | None = None,
+    every: float = 0.5,
+):
+    """Poll ``check`` every ``every`` s until it returns something true; TimeoutError after
+    ``timeout`` s. A check that runs the ``flwr`` CLI costs about 2 s of CPU (the import), so
+    such checks poll every few seconds: polled back to back, they would take a core from the
+    processes being waited for."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -43,7 +53,7 @@ def wait_for(what: str, check: Callable, timeout: float, proc: subprocess.Popen 
             return value
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what}: the process exited with {proc.returncode}")
-        time.sleep(0.5)
+        time.sleep(every)
     raise TimeoutError(f"{what}: not within {timeout:.0f} s")
 
 
@@ -145,7 +155,7 @@ class Consortium:
                 return None  # the SuperLink may be restarting
             return run if run["status"].startswith("finished") else None
 
-        run = wait_for(f"run {run_id}", finished, timeout)
+        run = wait_for(f"run {run_id}", finished, timeout, every=FLWR_POLL)
         run["logs"] = self.flwr("log", run_id, "consortium", "--show").stdout
         return run
 
@@ -255,7 +265,8 @@ def build(root: Path, source: Path, names: tuple[str, ...], per_hospital: int = 
             c.register(name)
         for name in names:
             c.start_supernode(name)
-        wait_for(f"{len(names)} SuperNodes online", lambda: c.online() == len(names), 180)
+        wait_for(f"{len(names)} SuperNodes online", lambda: c.online() == len(names), 180,
+                 every=FLWR_POLL)  # fmt: skip
     except BaseException:
         c.stop()
         raise

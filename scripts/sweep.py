@@ -34,6 +34,7 @@ from fedtwin.jsonio import write_json
 from fedtwin.manifold import prdc
 from fedtwin.metrics import classification_scores, features, predict_proba, train_classifier
 from fedtwin.models import build_model
+from fedtwin.models.dcgan import total_variation
 from fedtwin.privacy import noisy_class_shares, plan_from_config, uses_features
 from fedtwin.training import get_weights, local_round, set_weights, to_tensor
 from fedtwin.twin import generate_from_rounds, label_mix
@@ -55,7 +56,13 @@ def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None) -
         clf = train_classifier(images, labels, model.n_classes, epochs=10, batch_size=128,
                                lr=1e-3, seed=seed)  # fmt: skip
         aucs.append(classification_scores(predict_proba(clf, val.images), val.labels)["auc"])
-    out = {"tstr_auc": float(np.mean(aucs)), "tstr_auc_per_seed": aucs, "models": len(models)}
+    out = {
+        "tstr_auc": float(np.mean(aucs)),
+        "tstr_auc_per_seed": aucs,
+        "models": len(models),
+        "total_variation": smoothness(images),
+        "real_total_variation": smoothness(val.images),
+    }
     if judge is not None:
         out.update(prdc(features(judge, val.images), features(judge, images)))
         out["images"] = images
@@ -66,6 +73,12 @@ def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None) -
         probs = torch.softmax(logits[:, 1 : 1 + n_classes], dim=1).numpy()
         out["d_class_head_auc"] = classification_scores(probs, val.labels)["auc"]
     return out
+
+
+def smoothness(images: np.ndarray) -> float:
+    """The images' total variation in [-1, 1] units (``fedtwin.models.dcgan``'s prior)."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32) / 127.5 - 1.0)
+    return float(total_variation(x))
 
 
 def save_grid(prefix: Path | None, name: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -95,6 +108,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--every", type=int, default=0, help="also score every N rounds")
     parser.add_argument("--png", type=Path, help="write each scored twin's image grid here")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="stop after scoring the warm-started generator")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedtwin demo")
     args = parser.parse_args()
     cfg = load_config(args.overrides)
@@ -152,6 +167,9 @@ def main() -> None:
         save_grid(args.png, "warm", warm.pop("images"), twin_labels)
         result_extra["warm_start_scores"] = warm
         tqdm.write(f"warm start: {warm}")
+        if args.warm_only:
+            write_json(args.out, {"overrides": args.overrides, **result_extra})
+            return
     weights = get_weights(model)
     recent = deque(maxlen=int(cfg["twin"]["checkpoints"]))  # the twin's generators
     result = {"overrides": args.overrides, "sigma": [p.noise_multiplier for p in plans],

@@ -13,7 +13,7 @@ import pytest
 
 from fedtwin import pki
 from fedtwin.ledger import Ledger, digest
-from fedtwin.localnet import BIN, build, free_port, wait_for
+from fedtwin.localnet import BIN, FLWR_POLL, build, free_port, wait_for
 from fedtwin.signing import verify_twin
 
 pytestmark = pytest.mark.slow
@@ -167,7 +167,7 @@ def test_the_operator_crashes_and_training_resumes_from_the_last_completed_round
         assert [e["round"] for e in history] == [1]  # round 2 was not applied
 
         c.start_superlink()  # restarted on the same state database and port
-        wait_for("3 SuperNodes back online", lambda: c.online() == 3, 180)
+        wait_for("3 SuperNodes back online", lambda: c.online() == 3, 180, every=FLWR_POLL)
         c.flwr("stop", first, "consortium")  # the dead run (or it times out on its own)
         run = c.wait_run(c.start_run(out, overrides), 600)
         assert run["status"] == "finished:completed", run["logs"][-4000:]

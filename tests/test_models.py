@@ -75,3 +75,22 @@ def test_the_discriminator_learns_the_class_of_real_images():
     with torch.no_grad():
         predicted = m.private_module()(x, torch.tensor(labels))[:, 1:].argmax(1).numpy()
     assert (predicted == labels).mean() > 0.95
+
+
+def test_total_variation_of_constant_and_checkerboard_images():
+    from fedtwin.models.dcgan import total_variation
+
+    assert total_variation(torch.full((2, 1, 8, 8), 0.3)).item() == 0.0
+    board = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1.0  # -1, +1
+    assert total_variation(board.expand(2, 1, 8, 8)).item() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear", "transposed"])
+def test_every_upsampling_gives_images_of_the_configured_size(upsample):
+    x = model(upsample=upsample).sample(torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 28, 28)
+
+
+def test_unknown_upsampling_names_the_field():
+    with pytest.raises(ValueError, match="model.upsample"):
+        model(upsample="bicubic")

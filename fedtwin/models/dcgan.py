@@ -25,6 +25,15 @@ from torch import nn
 from fedtwin.features import FeatureConfig, FeatureMap, class_means, moment_loss
 from fedtwin.models.base import TwinGenerator, private_step
 
+UPSAMPLING = ("nearest", "bilinear", "transposed")
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between vertically and horizontally neighbouring pixels."""
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
+    return dy + dx
+
 
 @dataclass(frozen=True)
 class DCGANConfig:
@@ -43,9 +52,13 @@ class DCGANConfig:
     # in AC-GAN) or "planes" (one-hot planes stacked on the image, as in cGAN).
     conditioning: str = "aux"
     aux_weight: float = 3.0  # weight of the class loss with "aux"
-    # "nearest": upsample, then a 3 x 3 convolution (no checkerboard); "transposed": 4 x 4
-    # transposed convolutions of stride 2
+    # "nearest" or "bilinear": resize, then a 3 x 3 convolution (no checkerboard);
+    # "transposed": 4 x 4 transposed convolutions of stride 2
     upsample: str = "nearest"
+    # Weight of a total-variation penalty on generated images (mean absolute difference of
+    # neighbouring pixels) in the warm start and G's loss: a smoothness prior that touches
+    # no real image, so it costs no privacy. 0 = none.
+    smoothness: float = 0.2
     # Train D's class head on logits shifted by the log of the hospital's (noisy) label mix
     # (logit adjustment): its logits then score the image alone, the same at every
     # hospital whatever its label mix, so averaging heads trained on skewed mixes agrees.
@@ -64,8 +77,8 @@ class Generator(nn.Module):
         super().__init__()
         if cfg.image_size % 4:
             raise ValueError(f"data.image_size must be a multiple of 4, got {cfg.image_size}")
-        if cfg.upsample not in ("nearest", "transposed"):
-            raise ValueError(f"model.upsample={cfg.upsample!r}: expected 'nearest' or 'transposed'")
+        if cfg.upsample not in UPSAMPLING:
+            raise ValueError(f"model.upsample={cfg.upsample!r}: expected one of {UPSAMPLING}")
         self.base = cfg.image_size // 4
         w = cfg.g_width
         self.embed = nn.Embedding(cfg.n_classes, cfg.latent_dim)
@@ -96,7 +109,7 @@ def _upsample(channels_in: int, channels_out: int, how: str) -> nn.Module:
     if how == "transposed":
         return nn.ConvTranspose2d(channels_in, channels_out, 4, stride=2, padding=1)
     return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Upsample(scale_factor=2, mode=how),
         nn.Conv2d(channels_in, channels_out, 3, padding=1),
     )
 
@@ -256,6 +269,8 @@ class DCGAN(TwinGenerator):
             noise_gap = (z[:half] - z[half:]).abs().mean(dim=1)
             loss = loss + self.cfg.mode_seeking / ((image_gap / noise_gap).mean() + 1e-5)
         losses = {}
+        if self.cfg.smoothness > 0:
+            loss = loss + self.cfg.smoothness * total_variation(fake)
         target = self.feature_target()
         if target is not None and self.cfg.anchor > 0:
             anchor = moment_loss(self.feature_map(fake), y, target.to(fake.device))
@@ -283,7 +298,10 @@ class DCGAN(TwinGenerator):
         for step in tqdm(range(steps), desc="warm start", disable=not progress, leave=False):
             y = torch.multinomial(shares, n, replacement=True, generator=rng)
             z = torch.randn(n, self.cfg.latent_dim, generator=rng)
-            loss = moment_loss(self.feature_map(self.generator(z, y)), y, target)
+            images = self.generator(z, y)
+            loss = moment_loss(self.feature_map(images), y, target)
+            if self.cfg.smoothness > 0:
+                loss = loss + self.cfg.smoothness * total_variation(images)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
