@@ -136,8 +136,12 @@ def last_round_alone(out: Path) -> dict | None:
 
 def repeated(out: Path, overrides: list[str], runs: int) -> dict:
     """``runs`` independent demo runs of one setting (fresh DP noise each), every one kept,
-    and the spread of the figures the issue's goals name."""
-    results = [run_demo_command(out / f"run-{i + 1}", overrides) for i in range(runs)]
+    and the spread of the figures the issue's goals name. Each finished run is also written
+    to ``out/runs.json`` at once, so a part stopped before its last run keeps the others."""
+    results = []
+    for i in range(runs):
+        results.append(run_demo_command(out / f"run-{i + 1}", overrides))
+        write_json(out / "runs.json", {"setting": overrides, "runs": results})
     figures = {
         "tstr_auc": [r["tstr"]["auc_mean"] for r in results],
         "tstr_acc": [r["tstr"]["acc_mean"] for r in results],
