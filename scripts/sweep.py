@@ -77,8 +77,7 @@ def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None) -
 
 def smoothness(images: np.ndarray) -> float:
     """The images' total variation in [-1, 1] units (``fedtwin.models.dcgan``'s prior)."""
-    x = torch.as_tensor(np.asarray(images, dtype=np.float32) / 127.5 - 1.0)
-    return float(total_variation(x))
+    return float(total_variation(to_tensor(images)))
 
 
 def save_grid(prefix: Path | None, name: str, images: np.ndarray, labels: np.ndarray) -> None:

@@ -269,14 +269,19 @@ class DCGAN(TwinGenerator):
             noise_gap = (z[:half] - z[half:]).abs().mean(dim=1)
             loss = loss + self.cfg.mode_seeking / ((image_gap / noise_gap).mean() + 1e-5)
         losses = {}
-        if self.cfg.smoothness > 0:
-            loss = loss + self.cfg.smoothness * total_variation(fake)
+        loss = loss + self._smoothness(fake)
         target = self.feature_target()
         if target is not None and self.cfg.anchor > 0:
             anchor = moment_loss(self.feature_map(fake), y, target.to(fake.device))
             loss = loss + self.cfg.anchor * anchor
             losses["loss_anchor"] = anchor
         return {"loss_g": loss, **losses}
+
+    def _smoothness(self, images: torch.Tensor) -> torch.Tensor | float:
+        """The smoothness prior's term of G's loss (warm start and GAN rounds alike)."""
+        if self.cfg.smoothness <= 0:
+            return 0.0
+        return self.cfg.smoothness * total_variation(images)
 
     def warm_start(self, steps: int, rng: torch.Generator, progress: bool = False) -> list[float]:
         """Fit the generator to the released class means (``feature_release``) alone for
@@ -299,9 +304,7 @@ class DCGAN(TwinGenerator):
             y = torch.multinomial(shares, n, replacement=True, generator=rng)
             z = torch.randn(n, self.cfg.latent_dim, generator=rng)
             images = self.generator(z, y)
-            loss = moment_loss(self.feature_map(images), y, target)
-            if self.cfg.smoothness > 0:
-                loss = loss + self.cfg.smoothness * total_variation(images)
+            loss = moment_loss(self.feature_map(images), y, target) + self._smoothness(images)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
