@@ -31,7 +31,7 @@ from fedtwin.training import get_weights, set_weights
 from fedtwin.twin import generate_from_rounds, label_mix, write_twin
 from fedtwin.utility import pool_utility
 
-AUDIT_PARAMETERS = ("neighbours", "copy_ratio", "copy_quantile", "density_k", "bins")
+AUDIT_PARAMETERS = ("copy_margin", "copy_coarse", "density_k", "bins")
 
 
 def label_counts(history: list[dict], n_classes: int) -> np.ndarray:

@@ -105,16 +105,23 @@ def test_pooled_equals_centralized(hospitals, cfg):
     def px(x):
         return x.reshape(len(x), -1) / 255.0
 
+    def blocks(x):  # 28 x 28 -> 7 x 7 block means, the audit's coarse space
+        assert cfg["copy_coarse"] == 7
+        return x.reshape(len(x), 7, 4, 7, 4).mean((2, 4)).reshape(len(x), -1) / 255.0
+
+    def ratio(cand, train, space):
+        d = cdist(space(cand), space(train))
+        own = cdist(space(train), space(train))
+        np.fill_diagonal(own, np.inf)
+        return d.min(1) / own.min(1)[d.argmin(1)]
+
     near, d_twin, d_hold, member, nonmember = 0, [], [], [], []
     for h in hospitals:
         train, hold, _ = audit.deduplicate(h.train.images, h.holdout.images)
-        t_tr = np.sort(cdist(px(twin), px(train)), axis=1)[:, : cfg["neighbours"]]
-        h_tr = np.sort(cdist(px(hold), px(train)), axis=1)[:, : cfg["neighbours"]]
-        tau = np.quantile(h_tr[:, 0], cfg["copy_quantile"])
-        ratio = t_tr[:, 0] / (0.5 * t_tr.mean(1))
-        near += int(np.sum((t_tr[:, 0] < tau) & (ratio < cfg["copy_ratio"])))
-        d_twin.append(t_tr[:, 0])
-        d_hold.append(h_tr[:, 0])
+        r = np.minimum(ratio(twin, train, px), ratio(twin, train, blocks))
+        near += int(np.sum(r < cfg["copy_margin"]))
+        d_twin.append(cdist(px(twin), px(train)).min(1))
+        d_hold.append(cdist(px(hold), px(train)).min(1))
         member.append(cdist(px(train), px(twin)).min(1))
         nonmember.append(cdist(px(hold), px(twin)).min(1))
     member, nonmember = np.concatenate(member), np.concatenate(nonmember)
@@ -127,6 +134,29 @@ def test_pooled_equals_centralized(hospitals, cfg):
     assert pooled["mia"]["gan_leaks_pixel"]["auc"] == pytest.approx(auc, abs=0.005)
     ratio = np.median(np.concatenate(d_twin)) / np.median(np.concatenate(d_hold))
     assert pooled["dcr"]["pixel"]["ratio"] == pytest.approx(ratio, rel=0.03)
+
+
+def test_real_images_the_generator_never_saw_are_not_copies(hospitals, cfg):
+    """New patients are not copies: the other hospitals' images, audited as a twin at the
+    largest hospital, give no near copy (exact duplicates of its images set aside)."""
+    h = max(hospitals, key=lambda x: len(x.train.images))
+    mine = {img.tobytes() for img in h.train.images}
+    others = np.concatenate([o.train.images for o in hospitals if o is not h])
+    others = others[[img.tobytes() not in mine for img in others]]
+    site = audit.site_audit(others, h.train.images, h.holdout.images, cfg)
+    assert len(others) > 300 and site["copies"]["near_copies"] == 0, site["copies"]
+    assert site["copies"]["holdout_flagged"] == 0
+
+
+def test_noisy_and_blurred_copies_are_caught(hospitals, cfg):
+    h = max(hospitals, key=lambda x: len(x.train.images))
+    picked = h.train.images[:30].astype(float)
+    noisy = picked + np.random.default_rng(0).normal(0, 5.0, picked.shape)  # 2 % of range
+    blurred = sum(np.roll(picked, s, axis=a) for s in (-1, 1) for a in (1, 2)) + picked
+    for copies, caught in ((noisy, 30), (blurred / 5, 20)):
+        twin = np.clip(copies, 0, 255).round().astype(np.uint8)
+        found = audit.site_audit(twin, h.train.images, h.holdout.images, cfg)["copies"]
+        assert found["near_copies"] >= caught, found
 
 
 def test_duplicates_in_real_data_are_not_blamed(hospitals, cfg):
