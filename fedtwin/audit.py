@@ -15,7 +15,13 @@ What is computed (references in the README's privacy-audit section):
   added to a copy averages out). This is the authenticity test of Alaa et al. 2022 with a
   margin; the margin is set so that real images the generator never saw (other
   hospitals' images, val) are not flagged. The holdout images, scored by the same rule,
-  are the hospital's own false-positive baseline.
+  are the hospital's own false-positive baseline. A spacing is floored at the 5th
+  percentile of the hospital's spacings, so that a training image with a near-duplicate
+  (the same patient twice) does not shelter copies of itself.
+- **close to one record**: the same ratio below ``record_ratio`` (0.5) catches what the
+  margin lets through, such as a blend that is 70 % one patient. Real images fall there
+  too, so it is a rate: the twin's share (lower 95 % bound) must not exceed the
+  holdout's (upper 95 % bound).
 - **distance to closest record** (DCR): median nearest-training distance of twin images
   over that of holdout images (pixel and feature space); < 1 means the twin sits closer
   to the training images than unseen real images do.
@@ -60,6 +66,7 @@ class Bins:
     pixel: np.ndarray  # nearest-neighbour distances in pixel space
     feature: np.ndarray  # ... between unit-length features (at most 2)
     score: np.ndarray  # density log-ratio, clipped into the end bins
+    record: np.ndarray  # copy ratio (distance to a training image over its spacing), 0..2
 
     @classmethod
     def for_images(cls, image_size: int, n: int = 512) -> Bins:
@@ -69,6 +76,7 @@ class Bins:
             pixel=np.concatenate([[0.0], np.geomspace(1e-3, top, n)]),
             feature=np.concatenate([[0.0], np.geomspace(1e-4, 2.0, n)]),
             score=np.linspace(-4.0, 4.0, n + 1),
+            record=np.linspace(0.0, 2.0, n + 1),
         )
 
 
@@ -152,18 +160,25 @@ def coarse(images: np.ndarray, size: int) -> np.ndarray:
     return torch.nn.functional.adaptive_avg_pool2d(x, size).flatten(1).numpy()
 
 
-def copy_ratio(candidates: np.ndarray, train: np.ndarray, coarse_size: int) -> np.ndarray:
-    """Per candidate image (uint8): distance to its nearest training image over that
-    training image's distance to its own nearest other training image, the smaller of
-    pixel space and the coarse space. Below 1: closer to a training image than any other
-    real image here is; near 0: a copy. ``train`` must be free of exact duplicates."""
-    ratios = []
+def copy_ratios(
+    train: np.ndarray, candidates: tuple[np.ndarray, ...], coarse_size: int
+) -> list[np.ndarray]:
+    """Per image of each candidate set (uint8): its distance to its nearest training image
+    ``x`` over ``x``'s distance to its nearest other training image (floored at the 5th
+    percentile of those spacings), the smaller of pixel space and the coarse space. Below
+    1: closer to ``x`` than any other training image is; near 0: a copy. ``train`` must be
+    free of exact duplicates and hold at least 2 images."""
+    if len(train) < 2:
+        raise AuditError("copy ratios need at least 2 distinct training images")
+    ratios: list[list[np.ndarray]] = [[] for _ in candidates]
     for space in (pixels, lambda x: coarse(x, coarse_size)):
-        c, t = space(candidates), space(train)
+        t = space(train)
         spacing = nearest(t, t, 2)[:, 1]  # the first neighbour is the image itself
-        d, j = closest(c, t)
-        ratios.append(d / np.maximum(spacing[j], 1e-12))
-    return np.minimum(*ratios)
+        spacing = np.maximum(spacing, max(float(np.quantile(spacing, 0.05)), 1e-12))
+        for out, images in zip(ratios, candidates, strict=True):
+            d, j = closest(space(images), t)
+            out.append(d / spacing[j])
+    return [np.minimum(*r) for r in ratios]
 
 
 def density_score(real: np.ndarray, twin: np.ndarray, k: int) -> np.ndarray:
@@ -186,7 +201,7 @@ def site_audit(
     """One hospital's audit aggregates (see the module docstring); nothing per image.
 
     ``cfg`` is the ``audit`` config group (``copy_margin``, ``copy_coarse``,
-    ``density_k``, ``bins``).
+    ``density_k``, ``bins``), as the server sends it: checked here.
     """
     if len(twin) == 0:
         raise AuditError("the twin is empty: nothing to audit")
@@ -207,13 +222,19 @@ def site_audit(
         **counts,
     }
 
-    # Near copies: much closer to one training image than any other real image is.
-    limit = float(cfg["copy_margin"])
-    size = int(cfg["copy_coarse"])
+    # Near copies: much closer to one training image than any other training image is.
+    limit, size = float(cfg["copy_margin"]), int(cfg["copy_coarse"])
+    if not (0.0 < limit <= 0.5 and 1 <= size <= twin.shape[1]):
+        raise AuditError(
+            f"audit.copy_margin must be in (0, 0.5] and audit.copy_coarse in [1, "
+            f"{twin.shape[1]}]; got {limit} and {size}"
+        )
+    r_twin, r_hold = copy_ratios(train_u, (twin, holdout_u), size)
     out["copies"] = {
-        "near_copies": int(np.sum(copy_ratio(twin, train_u, size) < limit)),
-        "holdout_flagged": int(np.sum(copy_ratio(holdout_u, train_u, size) < limit)),
+        "near_copies": int(np.sum(r_twin < limit)),
+        "holdout_flagged": int(np.sum(r_hold < limit)),
     }
+    out["record"] = {"twin": hist(r_twin, bins.record), "holdout": hist(r_hold, bins.record)}
 
     # Closer to a size-matched training subsample than to the holdout.
     m = min(len(train_u), len(holdout_u))
@@ -348,6 +369,8 @@ def pool(sites: Mapping[str, dict], cfg: Mapping[str, Any], image_size: int) -> 
             "edges": edges,
         }
 
+    record = _record_shares(rows, bins.record, float(th["record_ratio"]))
+
     k = int(_sum(rows, "closer_to_train", "count")) if rows else 0
     n = int(_sum(rows, "closer_to_train", "n")) if rows else 0
     closer = {"share": k / n if n else math.nan, "ci95": wilson_interval(k, n), "n": n}
@@ -386,6 +409,13 @@ def pool(sites: Mapping[str, dict], cfg: Mapping[str, Any], image_size: int) -> 
             float(th["dcr_ratio_min"]),
         ),
         _check(
+            f"share closer than {record['cut']:g} of a record's spacing, lower 95 % "
+            "(at most the holdout's upper 95 %)",
+            record["twin_ci95"][0],
+            "<=",
+            record["holdout_ci95"][1],
+        ),
+        _check(
             "closer-to-train share, upper 95 %",
             closer["ci95"][1],
             "<=",
@@ -419,11 +449,27 @@ def pool(sites: Mapping[str, dict], cfg: Mapping[str, Any], image_size: int) -> 
             },
         },
         "near_copies": copies,
+        "close_to_one_record": record,
         "dcr": dcr,
         "closer_to_train": closer,
         "mia": mia,
         "thresholds": dict(th),
     }
+
+
+def _record_shares(rows: list[dict], edges: np.ndarray, cut: float) -> dict[str, Any]:
+    """Shares of twin and holdout images whose copy ratio is below ``cut`` (a bin edge)."""
+    if not rows:
+        return {"cut": cut, "twin_ci95": (math.nan, math.nan), "holdout_ci95": (math.nan,) * 2}
+    below = edges[1:] <= cut + 1e-12
+    out: dict[str, Any] = {"cut": cut, "edges": edges}
+    for who in ("twin", "holdout"):
+        h = _sum(rows, "record", who)
+        k, n = int(h[below].sum()), int(h.sum())
+        out[f"{who}_share"] = k / n if n else math.nan
+        out[f"{who}_ci95"] = wilson_interval(k, n)
+        out[f"{who}_hist"] = h
+    return out
 
 
 def _check(name: str, value: float, op: str, limit: float) -> dict[str, Any]:

@@ -95,7 +95,9 @@ def test_pooled_equals_centralized(hospitals, cfg):
     """Pooled histograms give what scipy/sklearn give on all raw distances at once."""
     rng = np.random.default_rng(0)
     copies = np.concatenate([h.train.images[:15] for h in hospitals])  # some real copies
-    twin = np.concatenate([noise_twin(hospitals, 300), copies])[rng.permutation(345)]
+    noisy = copies + rng.normal(0, 8.0, copies.shape)  # copy ratios between 0 and 1
+    noisy = np.clip(noisy, 0, 255).round().astype(np.uint8)
+    twin = np.concatenate([noise_twin(hospitals, 300), copies, noisy])[rng.permutation(390)]
 
     def embed(x):
         return x.reshape(len(x), -1)[:, ::7].astype(float)  # a fixed feature map
@@ -109,17 +111,25 @@ def test_pooled_equals_centralized(hospitals, cfg):
         assert cfg["copy_coarse"] == 7
         return x.reshape(len(x), 7, 4, 7, 4).mean((2, 4)).reshape(len(x), -1) / 255.0
 
-    def ratio(cand, train, space):
+    def copy_ratio(cand, train, space):
         d = cdist(space(cand), space(train))
         own = cdist(space(train), space(train))
         np.fill_diagonal(own, np.inf)
-        return d.min(1) / own.min(1)[d.argmin(1)]
+        spacing = own.min(1)
+        spacing = np.maximum(spacing, np.quantile(spacing, 0.05))
+        return d.min(1) / spacing[d.argmin(1)]
 
-    near, d_twin, d_hold, member, nonmember = 0, [], [], [], []
+    def both(cand, train):
+        return np.minimum(copy_ratio(cand, train, px), copy_ratio(cand, train, blocks))
+
+    near, flagged, r_twin, r_hold = 0, 0, [], []
+    d_twin, d_hold, member, nonmember = [], [], [], []
     for h in hospitals:
         train, hold, _ = audit.deduplicate(h.train.images, h.holdout.images)
-        r = np.minimum(ratio(twin, train, px), ratio(twin, train, blocks))
-        near += int(np.sum(r < cfg["copy_margin"]))
+        r_twin.append(both(twin, train))
+        r_hold.append(both(hold, train))
+        near += int(np.sum(r_twin[-1] < cfg["copy_margin"]))
+        flagged += int(np.sum(r_hold[-1] < cfg["copy_margin"]))
         d_twin.append(cdist(px(twin), px(train)).min(1))
         d_hold.append(cdist(px(hold), px(train)).min(1))
         member.append(cdist(px(train), px(twin)).min(1))
@@ -128,7 +138,14 @@ def test_pooled_equals_centralized(hospitals, cfg):
     truth = np.r_[np.ones(len(member)), np.zeros(len(nonmember))]
     auc = roc_auc_score(truth, -np.r_[member, nonmember])
 
+    r_twin = np.concatenate(r_twin)
+    assert np.sum((r_twin > 0.05) & (r_twin < cfg["copy_margin"])) > 10  # not only exact ones
     assert pooled["near_copies"]["near_copies"] == near > 0
+    assert pooled["near_copies"]["holdout_flagged"] == flagged
+    cut = cfg["thresholds"]["record_ratio"]
+    record = pooled["close_to_one_record"]
+    assert record["twin_share"] == pytest.approx(np.mean(r_twin < cut))
+    assert record["holdout_share"] == pytest.approx(np.mean(np.concatenate(r_hold) < cut))
     assert pooled["sample_sizes"]["train"] == len(member)
     assert pooled["sample_sizes"]["holdout"] == len(nonmember)
     assert pooled["mia"]["gan_leaks_pixel"]["auc"] == pytest.approx(auc, abs=0.005)
@@ -136,16 +153,38 @@ def test_pooled_equals_centralized(hospitals, cfg):
     assert pooled["dcr"]["pixel"]["ratio"] == pytest.approx(ratio, rel=0.03)
 
 
-def test_real_images_the_generator_never_saw_are_not_copies(hospitals, cfg):
+@pytest.mark.parametrize("which", [min, max])
+def test_real_images_the_generator_never_saw_are_not_copies(hospitals, cfg, which):
     """New patients are not copies: the other hospitals' images, audited as a twin at the
-    largest hospital, give no near copy (exact duplicates of its images set aside)."""
-    h = max(hospitals, key=lambda x: len(x.train.images))
+    smallest and at the largest hospital, give no near copy (exact duplicates of its
+    images set aside) and no more close-to-one-record images than its own holdout."""
+    h = which(hospitals, key=lambda x: len(x.train.images))
     mine = {img.tobytes() for img in h.train.images}
     others = np.concatenate([o.train.images for o in hospitals if o is not h])
     others = others[[img.tobytes() not in mine for img in others]]
     site = audit.site_audit(others, h.train.images, h.holdout.images, cfg)
     assert len(others) > 300 and site["copies"]["near_copies"] == 0, site["copies"]
     assert site["copies"]["holdout_flagged"] == 0
+    result = audit.pool({h.name: site}, cfg, 28)
+    assert next(c for c in result["checks"] if "record" in c["check"])["passed"], result["checks"]
+
+
+def test_a_blend_that_is_mostly_one_patient_fails_the_record_check(hospitals, cfg):
+    """70 % of a training image and 30 % of its nearest neighbour: no near copy by the
+    margin, but a twin with many of them sits close to single records far more often
+    than the holdout does."""
+    h = max(hospitals, key=lambda x: len(x.train.images))
+    train = h.train.images.astype(float)
+    flat = train.reshape(len(train), -1)
+    d = cdist(flat, flat)
+    np.fill_diagonal(d, np.inf)
+    blends = 0.7 * train[:60] + 0.3 * train[d[:60].argmin(1)]
+    twin = np.concatenate([noise_twin(hospitals, 300), blends.round().astype(np.uint8)])
+    site = audit.site_audit(twin, h.train.images, h.holdout.images, cfg)
+    result = audit.pool({h.name: site}, cfg, 28)
+    check = next(c for c in result["checks"] if "record" in c["check"])
+    assert result["close_to_one_record"]["twin_share"] > 0.1 and not check["passed"], check
+    assert result["verdict"] == "fail"
 
 
 def test_noisy_and_blurred_copies_are_caught(hospitals, cfg):

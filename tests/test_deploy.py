@@ -104,7 +104,7 @@ def test_a_hospital_node_killed_mid_round_does_not_stop_the_run(tmp_path, data_p
     try:
         run_id = c.start_run(out, TINY + TRAINING_ONLY + " federation.hospitals=4 "
                              "federation.min_hospitals=4 "
-                             "federation.rounds=3 federation.local_steps=20 "
+                             "federation.rounds=3 "
                              "audit.override=node-failure-test")  # fmt: skip
 
         def rounds_done() -> int:

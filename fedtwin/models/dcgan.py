@@ -58,7 +58,7 @@ class DCGANConfig:
     # Weight of a total-variation penalty on generated images (mean absolute difference of
     # neighbouring pixels) in the warm start and G's loss: a smoothness prior that touches
     # no real image, so it costs no privacy. 0 = none.
-    smoothness: float = 0.0
+    smoothness: float = 0.2
     # Train D's class head on logits shifted by the log of the hospital's (noisy) label mix
     # (logit adjustment): its logits then score the image alone, the same at every
     # hospital whatever its label mix, so averaging heads trained on skewed mixes agrees.
