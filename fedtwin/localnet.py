@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from fedtwin.server.deploy import write_app
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr
 FLWR_POLL = 3.0  # seconds between checks that run the flwr CLI (see wait_for)
+FLWR_IDLE_POLL = 20.0  # ... while a run has not written its twin (see Consortium.wait_run)
 
 
 def free_port() -> int:
@@ -72,6 +74,7 @@ class Consortium:
 
     def __init__(self, root: Path):
         self.root, self.procs, self.nodes = Path(root), [], {}
+        self.outs: dict[str, Path] = {}  # run id -> the run's output folder
         self.archives: dict[str, Path] = {}
         self.port = free_port()
         self.keys = self.root / "pki"
@@ -140,14 +143,28 @@ class Consortium:
         started = self.flwr("run", str(app), "consortium", "--format", "json")
         if started.returncode != 0:
             raise RuntimeError(f"flwr run: {started.stdout}{started.stderr}")
-        return str(json.loads(started.stdout)["run-id"])
+        run_id = str(json.loads(started.stdout)["run-id"])
+        self.outs[run_id] = out
+        return run_id
 
     def run(self, out: Path, overrides: str, timeout: float = 900) -> dict:
         """``flwr run`` of the app for ``out``; waits for the run to finish."""
         return self.wait_run(self.start_run(out, overrides), timeout)
 
     def wait_run(self, run_id: str, timeout: float) -> dict:
+        """Wait for the run to finish; returns its ``flwr ls`` entry and its logs. Asking
+        the SuperLink costs a ``flwr`` call (about 2 s of CPU), so it is asked every
+        ``FLWR_IDLE_POLL`` s (a failed run is noticed then) until the run's twin manifest,
+        the last file a run writes, is there, and every ``FLWR_POLL`` s after."""
+        manifest = self.outs[run_id] / "twin" / "manifest.json" if run_id in self.outs else None
+        asked = -math.inf
+
         def finished():
+            nonlocal asked
+            written = manifest is None or manifest.is_file()
+            if time.monotonic() - asked < (FLWR_POLL if written else FLWR_IDLE_POLL):
+                return None
+            asked = time.monotonic()
             out = self.flwr("ls", "consortium", "--run-id", run_id, "--format", "json")
             try:
                 run = json.loads(out.stdout)["runs"][0]
@@ -155,7 +172,7 @@ class Consortium:
                 return None  # the SuperLink may be restarting
             return run if run["status"].startswith("finished") else None
 
-        run = wait_for(f"run {run_id}", finished, timeout, every=FLWR_POLL)
+        run = wait_for(f"run {run_id}", finished, timeout, every=1.0)
         run["logs"] = self.flwr("log", run_id, "consortium", "--show").stdout
         return run
 
