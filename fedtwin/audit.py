@@ -89,15 +89,31 @@ def hist(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 def nearest(a: np.ndarray, b: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
     """Distances ``(len(a), k)`` from each row of ``a`` to its ``k`` nearest rows of ``b``,
     ascending (float64 L2)."""
+    return _neighbours(a, b, k, chunk)[0]
+
+
+def closest(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``a``: the distance to its nearest row of ``b`` and that row's index."""
+    dist, index = _neighbours(a, b, 1, chunk)
+    return dist[:, 0], index[:, 0]
+
+
+def _neighbours(a: np.ndarray, b: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, ...]:
+    """Distances and indices ``(len(a), k)`` of the ``k`` nearest rows of ``b``, chunked
+    over ``a`` so that memory stays bounded."""
     k = min(k, len(b))
     tb = torch.as_tensor(b, dtype=torch.float64)
     b2 = (tb * tb).sum(1)
-    out = []
+    dist, index = [], []
     for start in range(0, len(a), chunk):
         ta = torch.as_tensor(a[start : start + chunk], dtype=torch.float64)
         d2 = (ta * ta).sum(1, keepdim=True) + b2 - 2.0 * ta @ tb.T
-        out.append(torch.topk(d2, k, dim=1, largest=False).values.clamp(min=0).sqrt())
-    return torch.cat(out).numpy() if out else np.zeros((0, k))
+        top = torch.topk(d2, k, dim=1, largest=False)
+        dist.append(top.values.clamp(min=0).sqrt())
+        index.append(top.indices)
+    if not dist:
+        return np.zeros((0, k)), np.zeros((0, k), dtype=np.int64)
+    return torch.cat(dist).numpy(), torch.cat(index).numpy()
 
 
 def pixels(images: np.ndarray) -> np.ndarray:
@@ -139,21 +155,6 @@ def deduplicate(train: np.ndarray, holdout: np.ndarray) -> tuple[np.ndarray, np.
     return train[keep_train], holdout[keep_holdout], counts
 
 
-def closest(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of ``a``: the distance to its nearest row of ``b`` and that row's index."""
-    tb = torch.as_tensor(b, dtype=torch.float64)
-    b2 = (tb * tb).sum(1)
-    dist, index = [], []
-    for start in range(0, len(a), chunk):
-        ta = torch.as_tensor(a[start : start + chunk], dtype=torch.float64)
-        d2, j = ((ta * ta).sum(1, keepdim=True) + b2 - 2.0 * ta @ tb.T).min(1)
-        dist.append(d2.clamp(min=0).sqrt())
-        index.append(j)
-    if not dist:
-        return np.zeros(0), np.zeros(0, dtype=np.int64)
-    return torch.cat(dist).numpy(), torch.cat(index).numpy()
-
-
 def coarse(images: np.ndarray, size: int) -> np.ndarray:
     """Images averaged down to ``size`` x ``size`` (values in [0, 1]), flattened."""
     x = torch.as_tensor(images, dtype=torch.float64).unsqueeze(1) / 255.0
@@ -162,15 +163,17 @@ def coarse(images: np.ndarray, size: int) -> np.ndarray:
 
 def copy_ratios(
     train: np.ndarray, candidates: tuple[np.ndarray, ...], coarse_size: int
-) -> list[np.ndarray]:
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per image of each candidate set (uint8): its distance to its nearest training image
     ``x`` over ``x``'s distance to its nearest other training image (floored at the 5th
     percentile of those spacings), the smaller of pixel space and the coarse space. Below
     1: closer to ``x`` than any other training image is; near 0: a copy. ``train`` must be
-    free of exact duplicates and hold at least 2 images."""
+    free of exact duplicates and hold at least 2 images. Also returns each set's nearest
+    training distances in pixel space (the distance to closest record)."""
     if len(train) < 2:
         raise AuditError("copy ratios need at least 2 distinct training images")
     ratios: list[list[np.ndarray]] = [[] for _ in candidates]
+    pixel_nearest: list[np.ndarray] = []
     for space in (pixels, lambda x: coarse(x, coarse_size)):
         t = space(train)
         spacing = nearest(t, t, 2)[:, 1]  # the first neighbour is the image itself
@@ -178,7 +181,9 @@ def copy_ratios(
         for out, images in zip(ratios, candidates, strict=True):
             d, j = closest(space(images), t)
             out.append(d / spacing[j])
-    return [np.minimum(*r) for r in ratios]
+            if space is pixels:
+                pixel_nearest.append(d)
+    return [np.minimum(*r) for r in ratios], pixel_nearest
 
 
 def density_score(real: np.ndarray, twin: np.ndarray, k: int) -> np.ndarray:
@@ -229,7 +234,7 @@ def site_audit(
             f"audit.copy_margin must be in (0, 0.5] and audit.copy_coarse in [1, "
             f"{twin.shape[1]}]; got {limit} and {size}"
         )
-    r_twin, r_hold = copy_ratios(train_u, (twin, holdout_u), size)
+    (r_twin, r_hold), (d_twin, d_hold) = copy_ratios(train_u, (twin, holdout_u), size)
     out["copies"] = {
         "near_copies": int(np.sum(r_twin < limit)),
         "holdout_flagged": int(np.sum(r_hold < limit)),
@@ -244,15 +249,7 @@ def site_audit(
     out["closer_to_train"] = {"count": int(closer.sum()), "n": len(twin)}
 
     # Distance to closest record and membership scores, per space.
-    spaces = {
-        "pixel": (
-            px_twin,
-            px_train,
-            px_hold,
-            nearest(px_twin, px_train, 1)[:, 0],
-            nearest(px_hold, px_train, 1)[:, 0],
-        )
-    }
+    spaces = {"pixel": (px_twin, px_train, px_hold, d_twin, d_hold)}
     if embed is not None:
         f_twin, f_train, f_hold = (unit(embed(x)) for x in (twin, train_u, holdout_u))
         spaces["feature"] = (
