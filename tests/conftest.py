@@ -28,7 +28,8 @@ def small_real(data_path) -> tuple[np.ndarray, np.ndarray]:
 def federate():
     """``federate(cfg, hospitals, out, server_app=None, **client_kwargs)``: a federation of
     ``hospitals`` on Flower's Simulation Engine, each hospital's ledger in
-    ``out/ledgers/<name>.sqlite``; returns the rounds of ``out/history.json``."""
+    ``out/ledgers/<name>.sqlite``; returns the rounds of ``out/history.json``. One Ray
+    actor serves the hospitals in turn: the tests already run a file per core."""
     import json
 
     from fedtwin.client.client_app import make_client_app
@@ -46,7 +47,7 @@ def federate():
             ),
             num_supernodes=len(hospitals),
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": 2, "include_dashboard": False}},
+                            "init_args": {"num_cpus": 1, "include_dashboard": False}},
         )  # fmt: skip
         history = out / "history.json"
         return json.loads(history.read_text())["rounds"] if history.exists() else []

@@ -51,9 +51,9 @@ def test_demo_leaves_twin_and_report(demo_run):
     assert manifest["config"]["model"]["name"] in out.name  # the generator asked for
     assert manifest["audit"]["near_copies"] == 0
     gate = manifest["gate"]
-    # A tiny run's images are textures far from every real image (20 warm-start steps, six
+    # A tiny run's images are textures far from every real image (5 warm-start steps, six
     # DP steps): which real image is nearest is then decided by a few "hub" images, and the
-    # closer-to-train share is one correlated coin flip (README, known limits) that sits at
+    # closer-to-train share is one correlated coin flip (docs/audit.md) that sits at
     # the 0.6 threshold. What must hold either way: signed if and only if it passed.
     assert gate["signed"] == (gate["audit_verdict"] == "pass") and gate["override"] is None
     assert manifest["audit"]["verdict"] == gate["audit_verdict"]
