@@ -6,7 +6,7 @@ counts, sample sizes and histograms on bins fixed in advance (``Bins``), the sam
 hospital. The server's :func:`pool` adds them up, so the pooled figures are exactly what
 the same statistics give with all hospitals' data in one place (a test checks this).
 
-What is computed (references in the README's privacy-audit section):
+What is computed (references in docs/audit.md):
 
 - **near copies**: a twin image ``s`` copies its nearest training image ``x`` when it is
   much closer to ``x`` than any other real image at the hospital is:

@@ -3,7 +3,7 @@ with SuperNode authentication and a SQLite state database, one SuperNode per hos
 with its own archive and privacy ledger, and the operator's ``flwr`` CLI.
 
 The deployment tests and the deployment benchmark use it; it is also a quick way to try
-the README's deployment section end to end. Every process gets a free port and its own
+docs/deployment.md end to end. Every process gets a free port and its own
 process group, and ``stop`` ends them all by group.
 """
 

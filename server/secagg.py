@@ -11,7 +11,7 @@ What the server can check is the sum: its shapes, finite values and distance fro
 last global model (``fedtwin.checks``); a sum that fails is not applied and the round
 counts as failed. Each hospital checks its own update before masking it. A malicious
 hospital could still hide a bad update in the sum within the norm bound: SecAgg+ trades
-per-hospital inspection for privacy (README, "Secure aggregation").
+per-hospital inspection for privacy (docs/deployment.md, "Secure aggregation").
 
 Flower runs SecAgg+ with its legacy strategy interface (FitIns/FitRes); ``SecureFedAvg``
 is that strategy, with the same per-round records and checkpoints as ``TwinFedAvg``.
