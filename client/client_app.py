@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtwin.client.secagg import secure_aggregation
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+
+from fedtwin.client.secagg import secure_aggregation
 
 if TYPE_CHECKING:
     from fedtwin.data import Hospital

@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtwin.client.client_app import ledger_from_node_config, make_client_app
 from flwr.app import Context
 
+from fedtwin.client.client_app import ledger_from_node_config, make_client_app
 from fedtwin.config import check_config, config_from_run
 
 if TYPE_CHECKING:

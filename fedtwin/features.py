@@ -109,7 +109,7 @@ def noisy_feature_sums(
     ``noise_multiplier`` (the sensitivity is 1), drawn from OS randomness so that nothing
     published can undo it. ``noise_multiplier=0`` gives exact sums (DP off)."""
     phi = embed(fmap, images).double()
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    y = torch.from_numpy(np.array(labels, dtype=np.int64))  # a copy: the input may be read-only
     sums = torch.zeros(n_classes, fmap.dim, dtype=torch.float64).index_add_(0, y, phi)
     if noise_multiplier > 0:
         secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))

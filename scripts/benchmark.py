@@ -103,12 +103,11 @@ def last_round_alone(out: Path) -> dict | None:
     """The demo's evaluation of a twin made by the last round's generator alone
     (``twin.checkpoints=1``), with the twin's labels and seed: what drawing the twin from
     several rounds adds, measured on the same training run. None if it used one round."""
-    from fedtwin.server.strategy import read_history, recent_global_models
-
     from fedtwin.data import pooled_train
     from fedtwin.demo import load_real_data, simulate_hospitals
     from fedtwin.metrics import evaluate_twin
     from fedtwin.models import build_model
+    from fedtwin.server.strategy import read_history, recent_global_models
     from fedtwin.training import set_weights
     from fedtwin.twin import generate
 
@@ -607,10 +606,9 @@ def deployment_rounds(history: list[dict], wall: float) -> dict:
 def local_compute_alone(cfg: dict, setting: list[str], archives: dict, steps: int) -> dict:
     """Each hospital's DP local round, run here on its archive without Flower."""
     from fedtwin.client.deploy import load_archive
-    from fedtwin.server.server_app import initial_weights
-
     from fedtwin.models import build_model
     from fedtwin.privacy import plan_from_config
+    from fedtwin.server.server_app import initial_weights
     from fedtwin.training import local_round, set_weights
 
     run_cfg = load_config(setting)

@@ -16,13 +16,13 @@ import shlex
 from logging import INFO
 from pathlib import Path
 
-from fedtwin.server.server_app import train_and_publish
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedtwin.config import check_config, config_from_run, load_config
 from fedtwin.jsonio import write_json
+from fedtwin.server.server_app import train_and_publish
 
 server_app = ServerApp()
 

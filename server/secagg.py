@@ -24,9 +24,6 @@ from logging import WARNING
 from pathlib import Path
 
 import numpy as np
-from fedtwin.client.secagg import CLIP, MAX_NORM, MAX_WEIGHT, NAMES
-from fedtwin.server.strategy import RoundBook, hospital_metrics
-from fedtwin.server.traffic import MeteredGrid
 from flwr.app import Context
 from flwr.common import (
     FitIns,
@@ -44,6 +41,9 @@ from flwr.serverapp import Grid
 
 from fedtwin import messages
 from fedtwin.checks import update_problem
+from fedtwin.client.secagg import CLIP, MAX_NORM, MAX_WEIGHT, NAMES
+from fedtwin.server.strategy import RoundBook, hospital_metrics
+from fedtwin.server.traffic import MeteredGrid
 
 
 class SecureFedAvg(RoundBook, FedAvg):

@@ -9,6 +9,14 @@ import time
 from logging import INFO, WARNING
 from pathlib import Path
 
+from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedtwin import messages
+from fedtwin.config import check_config
+from fedtwin.models import build_model
+from fedtwin.privacy import uses_features
 from fedtwin.server.publish import publish_twin
 from fedtwin.server.secagg import train_secure
 from fedtwin.server.strategy import (
@@ -18,14 +26,6 @@ from fedtwin.server.strategy import (
     save_checkpoint,
 )
 from fedtwin.server.traffic import MeteredGrid
-from flwr.app import ConfigRecord, Context
-from flwr.common.logger import log
-from flwr.serverapp import Grid, ServerApp
-
-from fedtwin import messages
-from fedtwin.config import check_config
-from fedtwin.models import build_model
-from fedtwin.privacy import uses_features
 from fedtwin.training import get_weights, set_weights
 
 

@@ -32,9 +32,10 @@ def federate():
     actor serves the hospitals in turn: the tests already run a file per core."""
     import json
 
+    from flwr.simulation import run_simulation
+
     from fedtwin.client.client_app import make_client_app
     from fedtwin.server.server_app import make_server_app
-    from flwr.simulation import run_simulation
 
     def run(cfg, hospitals, out: Path, server_app=None, **client_kwargs) -> list[dict]:
         run_simulation(

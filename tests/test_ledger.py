@@ -9,17 +9,17 @@ from contextlib import closing
 
 import numpy as np
 import pytest
-from fedtwin.client.client_app import make_client_app
-from fedtwin.server.server_app import initial_weights
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from opacus.accountants import create_accountant
 
 from fedtwin import messages
 from fedtwin.cli import main
+from fedtwin.client.client_app import make_client_app
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.ledger import Ledger, digest
 from fedtwin.privacy import BudgetExceeded
+from fedtwin.server.server_app import initial_weights
 
 
 def test_entries_survive_reopening_and_match_an_independent_accountant(tmp_path):

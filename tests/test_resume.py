@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from fedtwin.server.server_app import make_server_app
-from fedtwin.server.strategy import TwinFedAvg, recent_global_models, save_checkpoint
 
 from fedtwin import messages
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.ledger import Ledger
+from fedtwin.server.server_app import make_server_app
+from fedtwin.server.strategy import TwinFedAvg, recent_global_models, save_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ import stat
 
 import numpy as np
 import pytest
-from fedtwin.server.publish import write_gated_twin
 
 from fedtwin.cli import main
 from fedtwin.config import load_config
+from fedtwin.server.publish import write_gated_twin
 from fedtwin.signing import (
     load_public_key,
     make_signing_key,

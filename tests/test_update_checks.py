@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fedtwin.server.server_app import initial_weights
 
 from fedtwin import messages
 from fedtwin.checks import secagg_clip_problem, update_problem
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
+from fedtwin.server.server_app import initial_weights
 
 
 def test_update_problems_are_named():
