@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtwin import messages
 from fedtwin.audit import site_audit
 from fedtwin.data import Hospital
 from fedtwin.features import noisy_feature_sums, release_rows
@@ -42,7 +41,9 @@ from fedtwin.privacy import (
     plan_from_config,
     uses_features,
 )
-from fedtwin.training import local_round, set_weights
+from fedtwin.server import messages
+from fedtwin.tensors import set_weights
+from fedtwin.training import local_round
 from fedtwin.utility import site_utility
 
 OPTIMIZER_STATE = "optimizer-state"  # Adam moments, local only: the next round resumes them

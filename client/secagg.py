@@ -27,8 +27,8 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from fedtwin import messages
 from fedtwin.checks import secagg_clip_problem, update_problem
+from fedtwin.server import messages
 
 NAMES = "array-names"  # fit config: the model's array names (JSON), in the parameters' order
 MAX_NORM = "max-update-norm"  # fit config: the federation's bound on an update's L2 norm

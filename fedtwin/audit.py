@@ -44,11 +44,20 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from fedtwin.histograms import (
+    Bins,
+    auc_from_hists,
+    auc_interval,
+    hist,
+    hist_quantile,
+    wilson_interval,
+)
+from fedtwin.neighbours import closest, nearest
 
 Embed = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W) -> features (N, D)
 
@@ -57,63 +66,6 @@ ATTACKS = ("gan_leaks_pixel", "gan_leaks_feature", "density_ratio")
 
 class AuditError(ValueError):
     """The audit cannot run on this hospital's data; the message says why."""
-
-
-@dataclass(frozen=True)
-class Bins:
-    """Histogram edges shared by every hospital (so that histograms add up)."""
-
-    pixel: np.ndarray  # nearest-neighbour distances in pixel space
-    feature: np.ndarray  # ... between unit-length features (at most 2)
-    score: np.ndarray  # density log-ratio, clipped into the end bins
-    record: np.ndarray  # copy ratio (distance to a training image over its spacing), 0..2
-
-    @classmethod
-    def for_images(cls, image_size: int, n: int = 512) -> Bins:
-        """Log-spaced distance bins (2 % relative width at ``n = 512``) with a bin at 0."""
-        top = math.sqrt(image_size * image_size)  # largest distance between [0, 1] images
-        return cls(
-            pixel=np.concatenate([[0.0], np.geomspace(1e-3, top, n)]),
-            feature=np.concatenate([[0.0], np.geomspace(1e-4, 2.0, n)]),
-            score=np.linspace(-4.0, 4.0, n + 1),
-            record=np.linspace(0.0, 2.0, n + 1),
-        )
-
-
-def hist(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Counts per bin; values beyond the ends go into the end bins."""
-    clipped = np.clip(values, edges[0], edges[-1])
-    return np.histogram(clipped, bins=edges)[0].astype(np.int64)
-
-
-def nearest(a: np.ndarray, b: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
-    """Distances ``(len(a), k)`` from each row of ``a`` to its ``k`` nearest rows of ``b``,
-    ascending (float64 L2)."""
-    return _neighbours(a, b, k, chunk)[0]
-
-
-def closest(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of ``a``: the distance to its nearest row of ``b`` and that row's index."""
-    dist, index = _neighbours(a, b, 1, chunk)
-    return dist[:, 0], index[:, 0]
-
-
-def _neighbours(a: np.ndarray, b: np.ndarray, k: int, chunk: int) -> tuple[np.ndarray, ...]:
-    """Distances and indices ``(len(a), k)`` of the ``k`` nearest rows of ``b``, chunked
-    over ``a`` so that memory stays bounded."""
-    k = min(k, len(b))
-    tb = torch.as_tensor(b, dtype=torch.float64)
-    b2 = (tb * tb).sum(1)
-    dist, index = [], []
-    for start in range(0, len(a), chunk):
-        ta = torch.as_tensor(a[start : start + chunk], dtype=torch.float64)
-        d2 = (ta * ta).sum(1, keepdim=True) + b2 - 2.0 * ta @ tb.T
-        top = torch.topk(d2, k, dim=1, largest=False)
-        dist.append(top.values.clamp(min=0).sqrt())
-        index.append(top.indices)
-    if not dist:
-        return np.zeros((0, k)), np.zeros((0, k), dtype=np.int64)
-    return torch.cat(dist).numpy(), torch.cat(index).numpy()
 
 
 def pixels(images: np.ndarray) -> np.ndarray:
@@ -285,48 +237,6 @@ def _mia_hists(members, nonmembers, half, edges) -> dict[str, Any]:
 
 
 # ---- pooling at the server ---------------------------------------------------------------
-
-
-def auc_from_hists(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties (same bin) counted one half."""
-    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
-    below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
-    total = pos.sum() * neg.sum()
-    return float(np.sum(pos * (below + 0.5 * neg)) / total) if total else math.nan
-
-
-def auc_interval(auc: float, n_pos: int, n_neg: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % interval of an AUC (Hanley and McNeil 1982)."""
-    if not (n_pos and n_neg) or math.isnan(auc):
-        return (math.nan, math.nan)
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (
-        n_pos * n_neg
-    )
-    se = math.sqrt(max(var, 0.0))
-    return (max(0.0, auc - z * se), min(1.0, auc + z * se))
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
-
-
-def hist_quantile(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
-    """Quantile of binned values, linear inside the bin."""
-    counts = np.asarray(counts, float)
-    total = counts.sum()
-    if total == 0:
-        return math.nan
-    cum = np.cumsum(counts)
-    i = int(np.searchsorted(cum, q * total))
-    before = cum[i - 1] if i > 0 else 0.0
-    inside = (q * total - before) / counts[i] if counts[i] else 0.0
-    return float(edges[i] + inside * (edges[i + 1] - edges[i]))
 
 
 def _sum(sites: list[dict], *path: str) -> Any:

@@ -18,7 +18,8 @@ from fedtwin.data import Hospital
 from fedtwin.metrics import Classifier
 from fedtwin.models.base import DPTrainable, private_step
 from fedtwin.privacy import plan_from_config
-from fedtwin.training import get_weights, local_round, set_weights
+from fedtwin.tensors import get_weights, set_weights
+from fedtwin.training import local_round
 
 
 class DPClassifier(DPTrainable):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,9 @@ from fedtwin.data import (
     make_hospitals,
     pooled_train,
     resize_images,
-    resolve_data_path,
 )
 from fedtwin.jsonio import write_json
+from fedtwin.medmnist import resolve_data_path
 
 log = logging.getLogger("fedtwin")
 
@@ -56,40 +55,12 @@ def simulate_hospitals(cfg: dict, train: Split) -> list[Hospital]:
     )
 
 
-def run_federation(cfg: dict, hospitals: list[Hospital], out: Path) -> None:
-    """Train on Flower's Simulation Engine, one virtual SuperNode per hospital."""
-    from flwr.simulation import run_simulation
-
-    from fedtwin.client.client_app import make_client_app
-    from fedtwin.server.server_app import make_server_app
-
-    def load_hospital(context) -> Hospital:
-        return hospitals[int(context.node_config["partition-id"])]
-
-    def ledger_path(context, hospital: Hospital) -> Path:
-        return out / "ledgers" / f"{hospital.name}.sqlite"  # each simulated hospital's disk
-
-    cpus = max(1, os.cpu_count() or 1)
-    per_hospital = max(1, int(cfg["federation"].get("cpus_per_hospital", 1)))
-    cfg = {**cfg, "threads_per_hospital": per_hospital}
-    backend = {
-        "client_resources": {"num_cpus": per_hospital, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error"},
-    }
-    run_simulation(
-        server_app=make_server_app(cfg, out),
-        client_app=make_client_app(cfg, load_hospital, ledger_path),
-        num_supernodes=len(hospitals),
-        backend_config=backend,
-    )
-
-
 def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str, Any]:
     """Run everything into ``out``; returns the summary also written to ``summary.json``."""
+    from fedtwin.checkpoints import read_history
+    from fedtwin.gate import final_epsilons
     from fedtwin.metrics import evaluate_twin
     from fedtwin.report import write_report
-    from fedtwin.server.publish import final_epsilons
-    from fedtwin.server.strategy import read_history
 
     check_config(cfg)
     start = time.time()
@@ -107,6 +78,8 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
         )
 
     # Training, then the twin: generated, audited at the hospitals, written, signed if passed.
+    from fedtwin.server.simulation import run_federation
+
     run_federation(cfg, hospitals, out)
     federation_time = time.time() - start
     twin_dir = out / "twin"

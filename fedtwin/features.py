@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedtwin.tensors import to_tensor
+
 
 @dataclass(frozen=True)
 class FeatureConfig:
@@ -92,8 +94,6 @@ class FeatureMap(nn.Module):
 @torch.no_grad()
 def embed(fmap: FeatureMap, images: np.ndarray, batch: int = 512) -> torch.Tensor:
     """uint8 images -> features ``(N, D)`` float32."""
-    from fedtwin.training import to_tensor  # training imports the models, which import us
-
     x = to_tensor(images)
     return torch.cat([fmap(x[i : i + batch]) for i in range(0, len(x), batch)])
 

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fedtwin.manifold import manifold_report
-from fedtwin.training import to_tensor
+from fedtwin.tensors import to_tensor
 
 Data = tuple[np.ndarray, np.ndarray]  # images uint8 (N, H, W), labels (N,)
 

@@ -204,6 +204,15 @@ def _walk(twin_dir: Path) -> tuple[set[str], set[str], list[str]]:
     return files, folders, problems
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks: what the manifest lists for each file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def verify_twin(twin_dir: Path, public_key: Ed25519PublicKey | None = None) -> Verification:
     """Check the signature over ``manifest.json``, the paths it lists and every file's sha256.
 
@@ -211,8 +220,6 @@ def verify_twin(twin_dir: Path, public_key: Ed25519PublicKey | None = None) -> V
     it is checked against the key named in ``manifest.sig``: that proves the files are as
     signed, not who signed them, and a note says so.
     """
-    from fedtwin.twin import sha256_file
-
     twin_dir = Path(twin_dir)
     result = Verification()
     manifest_path, sig_path = twin_dir / MANIFEST, twin_dir / SIGNATURE

@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedtwin.models.base import DPTrainable
 from fedtwin.privacy import History, PrivacyPlan, check_budget, epsilon_spent
-
-Weights = "OrderedDict[str, np.ndarray]"
+from fedtwin.tensors import get_weights, to_tensor
 
 
 @dataclass
@@ -37,49 +36,6 @@ class RoundResult:
     num_examples: int
     losses: dict[str, float] = field(default_factory=dict)
     optimizer_state: bytes = b""  # the hospital's optimizer moments, kept for its next round
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N, H, W)`` -> float ``(N, 1, H, W)`` in [-1, 1]."""
-    return torch.tensor(images, dtype=torch.float32).div(127.5).sub(1.0).unsqueeze(1)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float ``(N, 1, H, W)`` in [-1, 1] -> uint8 ``(N, H, W)``."""
-    x = images.detach().squeeze(1).clamp(-1, 1).add(1).mul(127.5).round()
-    return x.to(torch.uint8).cpu().numpy()
-
-
-def get_weights(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
-    """Floating-point state (parameters and running statistics) as numpy arrays.
-
-    Integer buffers such as BatchNorm's ``num_batches_tracked`` are not exchanged:
-    averaging counters means nothing.
-    """
-    return OrderedDict(
-        (k, v.detach().cpu().numpy().copy())
-        for k, v in model.state_dict().items()
-        if v.is_floating_point()
-    )
-
-
-def set_weights(model: torch.nn.Module, weights: dict[str, np.ndarray]) -> None:
-    """Load arrays from ``get_weights``; names and shapes must match exactly."""
-    own = model.state_dict()
-    expected = {k for k, v in own.items() if v.is_floating_point()}
-    if set(weights) != expected:
-        missing, extra = expected - set(weights), set(weights) - expected
-        raise ValueError(
-            f"weights do not fit the model: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(extra)[:3]}"
-        )
-    for k, arr in weights.items():
-        if tuple(arr.shape) != tuple(own[k].shape):
-            raise ValueError(
-                f"weights[{k!r}]: shape {arr.shape}, model expects {tuple(own[k].shape)}"
-            )
-        own[k] = torch.as_tensor(arr, dtype=own[k].dtype)
-    model.load_state_dict(own)
 
 
 def _secret_generator() -> torch.Generator:
@@ -181,6 +137,8 @@ def local_round(
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
+                # Opacus (1.5, 1.6) has no public flag for a skipped physical step; this private
+                # attribute is the one Opacus-internal name fedtwin reads.
                 if engine is not None and private_opt._is_last_step_skipped:
                     continue  # a physical piece of a logical batch: no step taken yet
                 done += 1
@@ -190,7 +148,7 @@ def local_round(
     if engine is not None:
         new_history = [tuple(h) for h in engine.accountant.history]
         epsilon = epsilon_spent(new_history, plan.delta, plan.accountant)
-        private._close()  # remove Opacus' hooks: the caller gets plain modules back
+        private.to_standard_module()  # remove Opacus' hooks: the caller gets plain modules back
     else:
         new_history, epsilon = list(history), math.inf
     model.cpu()

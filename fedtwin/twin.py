@@ -14,7 +14,6 @@ Twin directory (the contract in DESIGN.md)::
 from __future__ import annotations
 
 import csv
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,8 @@ from fedtwin import __version__
 from fedtwin.dicom import write_dicom
 from fedtwin.jsonio import write_json
 from fedtwin.models.base import TwinGenerator
-from fedtwin.training import to_uint8
+from fedtwin.signing import sha256_file, verify_twin
+from fedtwin.tensors import to_uint8
 
 
 def label_mix(shares: np.ndarray, n: int, mode: str, seed: int) -> np.ndarray:
@@ -93,14 +93,6 @@ def generate_from_rounds(
             for i, (model, idx) in enumerate(zip(models, shares, strict=True))
         ]
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_twin(
@@ -173,8 +165,6 @@ class TwinDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, twin_dir: Path | str, transform=None, verify: bool = True, public_key=None):
-        from fedtwin.signing import verify_twin
-
         twin_dir = Path(twin_dir)
         if verify:
             result = verify_twin(twin_dir, public_key)

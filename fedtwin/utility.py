@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fedtwin.audit import auc_from_hists, hist
+from fedtwin.histograms import auc_from_hists, hist
 from fedtwin.metrics import Classifier, predict_log_odds
 
 # Log-odds, not probabilities: a confident classifier puts most probabilities within 1e-4

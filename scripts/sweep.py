@@ -36,7 +36,8 @@ from fedtwin.metrics import classification_scores, features, predict_proba, trai
 from fedtwin.models import build_model
 from fedtwin.models.dcgan import total_variation
 from fedtwin.privacy import noisy_class_shares, plan_from_config, uses_features
-from fedtwin.training import get_weights, local_round, set_weights, to_tensor
+from fedtwin.tensors import get_weights, set_weights, to_tensor
+from fedtwin.training import local_round
 from fedtwin.twin import generate_from_rounds, label_mix
 
 

@@ -7,8 +7,8 @@
    answers with its audit and utility aggregates (``client_app.audit``);
 4. the server pools them (``fedtwin.audit.pool``, ``fedtwin.utility.pool_utility``) and
    writes the twin directory with ``audit.json`` and a manifest holding both;
-5. the gate: only a twin that passed, or one the operator overrode with a recorded
-   reason, is signed with the consortium's key (``manifest.sig``).
+5. the gate (``fedtwin.gate``): only a twin that passed, or one the operator overrode
+   with a recorded reason, is signed with the consortium's key (``manifest.sig``).
 """
 
 from __future__ import annotations
@@ -22,39 +22,17 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedtwin import messages
-from fedtwin.audit import pool, summary
+from fedtwin.audit import pool
+from fedtwin.gate import consortium_key, final_epsilons, label_counts, write_gated_twin
 from fedtwin.metrics import train_classifier
 from fedtwin.models import build_model
-from fedtwin.signing import load_signing_key, make_signing_key, public_key_path, sign_twin
-from fedtwin.training import get_weights, set_weights
-from fedtwin.twin import generate_from_rounds, label_mix, write_twin
+from fedtwin.server import messages
+from fedtwin.signing import public_key_path
+from fedtwin.tensors import get_weights, set_weights
+from fedtwin.twin import generate_from_rounds, label_mix
 from fedtwin.utility import pool_utility
 
 AUDIT_PARAMETERS = ("copy_margin", "copy_coarse", "density_k", "bins")
-
-
-def label_counts(history: list[dict], n_classes: int) -> np.ndarray:
-    """The federation's class counts as the server knows them: each hospital's noisy class
-    shares (from its last round) times its number of training images."""
-    latest: dict[str, dict] = {}
-    for entry in history:
-        latest.update(entry["hospitals"])
-    counts = np.zeros(n_classes)
-    for m in latest.values():
-        counts += np.asarray(m["label-shares"], dtype=float) * float(m["num-examples"])
-    if counts.sum() <= 0:
-        raise RuntimeError("no hospital reported class shares: cannot choose the twin's labels")
-    return counts
-
-
-def final_epsilons(history: list[dict]) -> dict[str, float]:
-    """Each hospital's epsilon after the last round it took part in."""
-    eps: dict[str, float] = {}
-    for entry in history:
-        for name, m in entry["hospitals"].items():
-            eps[name] = float(m["epsilon"])
-    return eps
 
 
 def ask_hospitals(
@@ -87,16 +65,12 @@ def ask_hospitals(
 
 
 def signing_key(cfg: dict, out: Path):
-    """The consortium's signing key from ``twin.signing_key``; without one, a key made
-    once under ``out/keys`` (fine for a demo, not for a consortium)."""
-    path = cfg["twin"].get("signing_key")
-    if path:
-        return load_signing_key(Path(path))
-    path = Path(out) / "keys" / "consortium-signing.pem"
-    if path.exists():
-        return load_signing_key(path)
-    log(WARNING, "no twin.signing_key given: made a new signing key %s", path)
-    return make_signing_key(path)
+    """The consortium's signing key (``fedtwin.gate.consortium_key``), saying so when a new
+    one had to be made."""
+    key, path, made = consortium_key(cfg, out)
+    if made:
+        log(WARNING, "no twin.signing_key given: made a new signing key %s", path)
+    return key
 
 
 def publish_twin(
@@ -105,7 +79,7 @@ def publish_twin(
     """Steps 1-5 of the module docstring; returns the gate (verdict, signed, override).
 
     ``global_models`` are (round, weights) of the last ``twin.checkpoints`` rounds
-    (``strategy.recent_global_models``); each makes an equal share of the twin."""
+    (``fedtwin.checkpoints.recent_global_models``); each makes an equal share of the twin."""
     n_classes = len(cfg["data"]["classes"])
     seed, tw, ev, au = int(cfg["seed"]), cfg["twin"], cfg["eval"], cfg["audit"]
     models = []
@@ -151,7 +125,19 @@ def publish_twin(
             f"audit ({'; '.join(f['reason'] for f in failed) or 'no answer'})"
         )
     utility = pool_utility(utilities)
-    gate = write_gated_twin(Path(out), cfg, images, labels, audit, utility, history, rounds)
+    gate = write_gated_twin(
+        Path(out), cfg, images, labels, audit, utility, history, rounds,
+        key=lambda: signing_key(cfg, out),
+    )  # fmt: skip
+    twin_dir = Path(out) / "twin"
+    if gate["signed"]:
+        if gate["override"]:
+            log(WARNING, "twin failed the audit and was SIGNED by override: %s", gate["override"])
+        key_file = cfg["twin"].get("signing_key") or Path(out) / "keys" / "consortium-signing.pem"
+        log(INFO, "twin signed; verify with: fedtwin verify %s --public-key %s",
+            twin_dir, public_key_path(key_file))  # fmt: skip
+    else:
+        log(WARNING, "twin FAILED the privacy audit: not signed (see %s)", twin_dir / "audit.json")
     log(
         INFO,
         "audit %s; federated utility AUC %.3f ACC %.3f over %d holdout images",
@@ -160,72 +146,4 @@ def publish_twin(
         utility["acc"],
         utility["n"],
     )
-    return gate
-
-
-def write_gated_twin(
-    out: Path,
-    cfg: dict,
-    images: np.ndarray,
-    labels: np.ndarray,
-    audit: dict,
-    utility: dict,
-    history: list[dict],
-    generator_rounds: list[int],
-) -> dict[str, Any]:
-    """Write ``out/twin`` with ``audit.json`` and the manifest; sign it only if the audit
-    passed or ``audit.override`` gives the operator's reason (recorded in the manifest).
-    Returns the gate: audit verdict, signed, override."""
-    classes, tw, au = list(cfg["data"]["classes"]), cfg["twin"], cfg["audit"]
-    missing = audit["not_audited"]["hospitals"]
-    override = au.get("override")
-    passed = audit["verdict"] == "pass"
-    gate = {
-        "audit_verdict": audit["verdict"],
-        "signed": passed or bool(override),
-        "override": None if passed else override,
-    }
-    dp = bool(cfg["privacy"]["enabled"])
-    twin_dir = out / "twin"
-    write_twin(
-        twin_dir,
-        images,
-        labels,
-        class_names=classes,
-        provenance={
-            "config": cfg,
-            "rounds_completed": max((e["round"] for e in history), default=0),
-            "generator_rounds": generator_rounds,  # the global models that made the twin
-            "privacy": {
-                "dp": dp,
-                "delta": float(cfg["privacy"]["delta"]),
-                "epsilon_per_hospital": final_epsilons(history),
-                "unit": "one image (sample-level DP); no patient-level claim",
-                "note": None if dp else "DP off: epsilon = inf, no privacy guarantee",
-            },
-            "source_data": {"name": cfg["data"]["name"]},
-            "audit": {**summary(audit), "not_audited": missing},
-            "federated_utility": {
-                "classifier": "trained on the twin only, scored on every hospital's holdout",
-                **utility,
-            },
-            "gate": gate,
-        },
-        documents={"audit.json": audit},
-        dicom=bool(tw["dicom"]),
-    )
-    if gate["signed"]:
-        key = signing_key(cfg, out)
-        sign_twin(twin_dir, key)
-        if override:
-            log(WARNING, "twin failed the audit and was SIGNED by override: %s", override)
-        key_file = cfg["twin"].get("signing_key") or out / "keys" / "consortium-signing.pem"
-        log(
-            INFO,
-            "twin signed; verify with: fedtwin verify %s --public-key %s",
-            twin_dir,
-            public_key_path(key_file),
-        )
-    else:
-        log(WARNING, "twin FAILED the privacy audit: not signed (see %s)", twin_dir / "audit.json")
     return gate

@@ -39,9 +39,9 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-from fedtwin import messages
 from fedtwin.checks import update_problem
 from fedtwin.client.secagg import CLIP, MAX_NORM, MAX_WEIGHT, NAMES
+from fedtwin.server import messages
 from fedtwin.server.strategy import RoundBook, hospital_metrics
 from fedtwin.server.traffic import MeteredGrid
 

@@ -13,20 +13,16 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedtwin import messages
+from fedtwin.checkpoints import load_checkpoint, recent_global_models, save_checkpoint
 from fedtwin.config import check_config
 from fedtwin.models import build_model
 from fedtwin.privacy import uses_features
+from fedtwin.server import messages
 from fedtwin.server.publish import publish_twin
 from fedtwin.server.secagg import train_secure
-from fedtwin.server.strategy import (
-    TwinFedAvg,
-    load_checkpoint,
-    recent_global_models,
-    save_checkpoint,
-)
+from fedtwin.server.strategy import TwinFedAvg
 from fedtwin.server.traffic import MeteredGrid
-from fedtwin.training import get_weights, set_weights
+from fedtwin.tensors import get_weights, set_weights
 
 
 def initial_weights(cfg: dict) -> dict:
@@ -126,7 +122,7 @@ def warm_start(cfg: dict, out: Path, weights: dict, history: list[dict]) -> tupl
     history[0]["warm_start"] = {"seconds": seconds, "loss": trace}
     log(INFO, "warm start: the generator fitted to the released statistics in %.0f s "
         "(moment loss %.4f -> %.4f)", seconds, trace[0], trace[-1])  # fmt: skip
-    save_checkpoint(out, 0, messages.to_record(weights), history)
+    save_checkpoint(out, 0, weights, history)
     return weights, history
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from fedtwin.messages import payload_bytes
+from fedtwin.server.messages import payload_bytes
 
 
 class MeteredGrid:

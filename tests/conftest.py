@@ -61,8 +61,8 @@ def sent_update():
     """``sent_update(out, name)``: what hospital ``name`` recorded sending in its one
     training round (its ledger's committed reply, as ``federate`` keeps the ledgers), and
     its example count."""
-    from fedtwin import messages
     from fedtwin.ledger import Ledger
+    from fedtwin.server import messages
 
     def read(out: Path, name: str) -> tuple[dict, int]:
         ledger = Ledger(out / "ledgers" / f"{name}.sqlite", delta=1e-5)

@@ -13,7 +13,7 @@ from fedtwin import audit
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.models.base import TwinGenerator
-from fedtwin.training import to_tensor
+from fedtwin.tensors import to_tensor
 from fedtwin.twin import generate
 
 

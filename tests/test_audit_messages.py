@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from fedtwin import messages
 from fedtwin.client.client_app import make_client_app
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.metrics import train_classifier
+from fedtwin.server import messages
 from fedtwin.server.publish import AUDIT_PARAMETERS
-from fedtwin.training import get_weights
+from fedtwin.tensors import get_weights
 from fedtwin.utility import SCORE_BINS
 
 

@@ -15,7 +15,8 @@ from fedtwin.config import load_config
 from fedtwin.models import build_model
 from fedtwin.models.ddpm import average_multiplicity
 from fedtwin.privacy import plan_from_config
-from fedtwin.training import local_round, to_tensor
+from fedtwin.tensors import to_tensor
+from fedtwin.training import local_round
 
 
 def small_ddpm(**override):
@@ -108,3 +109,33 @@ def test_samples_follow_their_label_the_way_the_training_images_do(guidance):
     dark, bright = x[:16].mean().item(), x[16:].mean().item()
     assert bright - dark > 0.1, (dark, bright)  # the real gap is 1.0 in [-1, 1]; a reversed
     # label or guidance would give a gap below 0
+
+
+class _Oracle(torch.nn.Module):
+    """The exact denoiser of a data set holding one image ``x0``: what the UNet would
+    predict if it were perfect, as noise (``eps``) or velocity (``v``)."""
+
+    def __init__(self, x0: torch.Tensor, alpha_bar: torch.Tensor, prediction: str):
+        super().__init__()
+        self.x0, self.alpha_bar, self.prediction = x0, alpha_bar, prediction
+
+    def forward(self, x, t, y):
+        ab = self.alpha_bar[t][:, None, None, None]
+        eps = (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+        return eps if self.prediction == "eps" else ab.sqrt() * eps - (1 - ab).sqrt() * self.x0
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_sampler_with_a_perfect_denoiser_returns_the_data(prediction):
+    """DDIM from pure noise lands on the one training image when the network is exact:
+    the sampler inverts the training target of either parametrization."""
+    model = small_ddpm(prediction=prediction, sample_steps=10)
+    x0 = torch.linspace(-0.9, 0.9, 28 * 28).view(1, 1, 28, 28)
+    model.unet = _Oracle(x0, model.alpha_bar, prediction)
+    x = model.sample(torch.tensor([0, 1, 1]), torch.Generator().manual_seed(0))
+    assert torch.allclose(x, x0.expand(3, -1, -1, -1), atol=1e-3)
+
+
+def test_unknown_prediction_is_a_clear_error():
+    with pytest.raises(ValueError, match="model.prediction"):
+        small_ddpm(prediction="x0")

@@ -12,13 +12,13 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from opacus.accountants import create_accountant
 
-from fedtwin import messages
 from fedtwin.cli import main
 from fedtwin.client.client_app import make_client_app
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.ledger import Ledger, digest
 from fedtwin.privacy import BudgetExceeded
+from fedtwin.server import messages
 from fedtwin.server.server_app import initial_weights
 
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedtwin import messages
+from fedtwin.checkpoints import recent_global_models, save_checkpoint
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.ledger import Ledger
 from fedtwin.server.server_app import make_server_app
-from fedtwin.server.strategy import TwinFedAvg, recent_global_models, save_checkpoint
+from fedtwin.server.strategy import TwinFedAvg
 
 pytestmark = pytest.mark.slow
 
@@ -113,8 +113,8 @@ def test_a_crash_after_the_feature_release_neither_repeats_nor_repays_it(
 def test_the_twin_reads_the_last_rounds_that_made_a_global_model(tmp_path):
     history = [{"round": r, "hospitals": {"h0": {}} if r != 3 else {}} for r in (1, 2, 3, 4)]
     for r in (1, 2, 4, 9):  # round 3 made no model; round 9 is another run's leftover
-        arrays = messages.to_record({"w": np.full(2, float(r), dtype=np.float32)})
-        save_checkpoint(tmp_path, r, arrays, history)
+        weights = {"w": np.full(2, float(r), dtype=np.float32)}
+        save_checkpoint(tmp_path, r, weights, history)
     models = recent_global_models(tmp_path, history, 2)
     assert [r for r, _ in models] == [2, 4]
     assert [float(w["w"][0]) for _, w in models] == [2.0, 4.0]

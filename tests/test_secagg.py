@@ -13,9 +13,9 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import ServerApp
 
-from fedtwin import messages
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
+from fedtwin.server import messages
 from fedtwin.server.server_app import train_and_publish
 
 pytestmark = pytest.mark.slow

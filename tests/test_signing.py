@@ -12,7 +12,7 @@ import pytest
 
 from fedtwin.cli import main
 from fedtwin.config import load_config
-from fedtwin.server.publish import write_gated_twin
+from fedtwin.gate import write_gated_twin
 from fedtwin.signing import (
     load_public_key,
     make_signing_key,

@@ -8,7 +8,8 @@ from opacus.accountants import RDPAccountant
 
 from fedtwin.models import build_model
 from fedtwin.privacy import BudgetExceeded, plan_privacy
-from fedtwin.training import get_weights, local_round, set_weights
+from fedtwin.tensors import get_weights, set_weights
+from fedtwin.training import local_round
 
 MODEL = {"name": "dcgan", "latent_dim": 16, "g_width": 8, "d_width": 8, "d_steps": 1}
 

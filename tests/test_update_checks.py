@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedtwin import messages
 from fedtwin.checks import secagg_clip_problem, update_problem
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
+from fedtwin.server import messages
 from fedtwin.server.server_app import initial_weights
 
 

@@ -23,7 +23,9 @@ def build_model(model_cfg: Mapping[str, Any], n_classes: int, image_size: int) -
             f"model.name: unknown generator {name!r}; available: {', '.join(GENERATORS)}"
         )
     model_class, config_class = GENERATORS[name]
-    fields = {k: v for k, v in model_cfg.items() if k != "name"}
+    # max_grad_norm is the generator's DP clipping bound: the privacy plan reads it (through
+    # privacy.max_grad_norm), the network does not.
+    fields = {k: v for k, v in model_cfg.items() if k not in ("name", "max_grad_norm")}
     try:
         config = config_class(n_classes=n_classes, image_size=image_size, **fields)
     except TypeError as e:

@@ -9,6 +9,10 @@ DP-SGD as in DPDM (Dockhorn et al. 2022).
   levels in the same step; the per-sample gradients of those copies are averaged into the
   image's one gradient *before* clipping. The image still contributes one clipped
   gradient, so this costs no privacy, and the averaged gradient is far less noisy.
+- **What the UNet predicts**: the noise ``eps`` (Ho et al. 2020; the default) or the
+  velocity ``v = sqrt(ab) eps - sqrt(1-ab) x0`` (Salimans & Ho 2022), whose image estimate
+  ``sqrt(ab) x - sqrt(1-ab) v`` never divides the model's error by ``sqrt(ab)``. Under DP
+  at the same budget ``v`` gave smoother but less useful twins (docs/generators.md).
 - Twins are sampled with DDIM (deterministic, ``sample_steps`` steps instead of
   ``timesteps``) and guidance weight ``guidance``.
 """
@@ -35,6 +39,7 @@ class DDPMConfig:
     guidance: float = 1.0  # classifier-free guidance weight w: (1 + w) cond - w uncond
     p_uncond: float = 0.1  # share of training rows whose label is dropped
     noise_multiplicity: int = 4  # noise levels per image, averaged before clipping
+    prediction: str = "eps"  # what the UNet predicts: "eps" (the noise) or "v" (velocity)
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
@@ -109,6 +114,8 @@ class DDPM(TwinGenerator):
 
     def __init__(self, cfg: DDPMConfig):
         super().__init__()
+        if cfg.prediction not in ("v", "eps"):
+            raise ValueError(f'model.prediction must be "v" or "eps", got {cfg.prediction!r}')
         self.cfg = cfg
         self.n_classes = cfg.n_classes
         self.image_size = cfg.image_size
@@ -138,8 +145,10 @@ class DDPM(TwinGenerator):
         ab = self.alpha_bar.to(device)[t][:, None, None, None]
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
+        target = noise if self.cfg.prediction == "eps" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
         private_opt.zero_grad(set_to_none=True)
-        per_row = (private(xt, t, y) - noise).pow(2).mean(dim=(1, 2, 3))
+        per_row = (private(xt, t, y) - target).pow(2).mean(dim=(1, 2, 3))
         (per_row.sum() / max(1, rows)).backward()  # an empty Poisson batch gives 0, not NaN
         average_multiplicity(private, k)
         private_step(private_opt, {})
@@ -161,11 +170,15 @@ class DDPM(TwinGenerator):
             if cfg.guidance:
                 both = self.unet(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
                 cond, uncond = both[:n], both[n:]
-                eps = (1 + cfg.guidance) * cond - cfg.guidance * uncond
+                out = (1 + cfg.guidance) * cond - cfg.guidance * uncond
             else:
-                eps = self.unet(x, tt, labels)
+                out = self.unet(x, tt, labels)
             a, a_next = ab[t], (ab[steps[i + 1]] if i + 1 < len(steps) else torch.tensor(1.0))
-            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            if cfg.prediction == "eps":
+                x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+            else:
+                x0 = a.sqrt() * x - (1 - a).sqrt() * out
+            x0 = x0.clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # consistent with the clamped x0
             x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         self.unet.train(was_training)

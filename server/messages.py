@@ -1,6 +1,8 @@
 """What travels between hospitals and the server, in Flower's record types.
 
-Both Flower apps import this, so the message layout is written down once.
+The consortium defines the protocol, so it lives with the server; the ClientApp imports it
+too, so the message layout is written down once. The core (``fedtwin/``) knows nothing of
+Flower: the apps convert to and from plain numpy arrays and dicts here.
 """
 
 from __future__ import annotations
