@@ -66,7 +66,7 @@ def test_download_offline_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     message = str(info.value)
     assert "cannot download pneumoniamnist" in message and "name resolution" in message
     assert "no network?" in message and str(cache / "pneumoniamnist.npz") in message
-    assert "medmnist.path=/path/to/pneumoniamnist.npz" in message
+    assert "data.path=/path/to/pneumoniamnist.npz" in message
     assert list(cache.iterdir()) == []  # no partial file left behind
 
 
