@@ -9,18 +9,6 @@ import pytest
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_28_trainval.npz"
 
-# The slowest files, slowest first (minutes each: real SuperLink/SuperNode processes, Ray).
-# Tests run one file per worker (`--dist loadfile`) in collection order (pyproject turns
-# off xdist's reordering by test count, which put these last); started first, the
-# deployment files, which mostly wait on processes and heartbeats, overlap with the
-# CPU-bound files on the other worker instead of running side by side at the end.
-SLOWEST_FIRST = ("test_deploy_failures.py", "test_resume.py", "test_deploy.py", "test_demo.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
-
 
 @pytest.fixture(scope="session")
 def data_path() -> Path:
