@@ -95,7 +95,8 @@ def deployment_rounds(history: list[dict], wall: float) -> dict:
 
 def local_compute_alone(cfg: dict, setting: list[str], archives: dict, steps: int) -> dict:
     """Each hospital's DP local round, run here on its archive without Flower."""
-    from fedtwin.client.deploy import load_archive
+    from fedtwin.client.hospital import THREADS
+    from fedtwin.client.site import load_archive
     from fedtwin.models import build_model
     from fedtwin.privacy import plan_from_config
     from fedtwin.server.server_app import initial_weights
@@ -113,7 +114,7 @@ def local_compute_alone(cfg: dict, setting: list[str], archives: dict, steps: in
             run_cfg["privacy"], n_train=len(hospital.train), batch_size=int(fed["batch_size"]),
             total_steps=int(fed["rounds"]) * steps,
         )  # fmt: skip
-        torch.set_num_threads(int(run_cfg.get("threads_per_hospital", 1)))
+        torch.set_num_threads(THREADS)
         start = time.perf_counter()
         local_round(model, hospital.train.images, hospital.train.labels, plan, steps=steps,
                     batch_size=int(fed["batch_size"]), history=[], seed=0)  # fmt: skip

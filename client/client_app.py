@@ -8,6 +8,9 @@
   hospital's own images (``hospital.audit``).
 - Every hospital answers SecAgg+ (``fedtwin.client.secagg``) when the server asks for it.
 
+``app`` is the one ClientApp that ``pyproject.toml`` names, for deployment and simulation
+alike (``fedtwin.client.site``: where a node finds its hospital, ledger and budget).
+
 In deployment each message starts a fresh ClientApp process, and a SecAgg+ round sends
 four: so this module imports only Flower, and torch and Opacus are imported by the
 messages that train or audit, not by the three that only agree and reveal keys.
@@ -22,26 +25,17 @@ from typing import TYPE_CHECKING
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedtwin.client import site
 from fedtwin.client.secagg import secure_aggregation
 
 if TYPE_CHECKING:
     from fedtwin.data import Hospital
 
 
-def ledger_from_node_config(context: Context, hospital: Hospital) -> Path:
-    """Deployment: the node config names the hospital's ledger (``ledger=/path/to.sqlite``)."""
-    if "ledger" not in context.node_config:
-        raise ValueError(
-            f"{hospital.name}: the node config has no 'ledger' (the privacy ledger's path, "
-            f"e.g. --node-config \"ledger='/var/lib/fedtwin/ledger.sqlite'\")"
-        )
-    return Path(str(context.node_config["ledger"]))
-
-
 def make_client_app(
     config: dict | Callable[[Context], dict],
     load_hospital: Callable[[Context], Hospital],
-    ledger_path: Callable[[Context, Hospital], Path] = ledger_from_node_config,
+    ledger_path: Callable[[Context, Hospital], Path] = site.ledger_path,
     mods: list | None = None,
     outer_mods: list | None = None,
 ) -> ClientApp:
@@ -76,3 +70,6 @@ def make_client_app(
         return hospital.audit(msg, settings(context), load_hospital(context))
 
     return app
+
+
+app = make_client_app(site.settings, site.load_site)

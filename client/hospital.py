@@ -29,10 +29,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtwin.audit import site_audit
+from fedtwin.config import resolve_device
 from fedtwin.data import Hospital
 from fedtwin.features import noisy_feature_sums, release_rows
 from fedtwin.ledger import Ledger, digest
-from fedtwin.metrics import Classifier, features
+from fedtwin.metrics import Classifier, features, train_classifier
 from fedtwin.models import build_model
 from fedtwin.privacy import (
     BudgetExceeded,
@@ -45,6 +46,8 @@ from fedtwin.server import messages
 from fedtwin.tensors import set_weights
 from fedtwin.training import local_round
 from fedtwin.utility import site_utility
+
+THREADS = 1  # torch threads per message: simulated hospitals share one machine's cores
 
 OPTIMIZER_STATE = "optimizer-state"  # Adam moments, local only: the next round resumes them
 
@@ -62,7 +65,7 @@ def _optimizer_state(context: Context) -> bytes:
 def train(msg: Message, context: Context, cfg: dict, hospital: Hospital, ledger_path: Path):
     """Answer a training request within the ledger's budget; refuse (BudgetExceeded, also
     on the ledger's record) if it would pass it."""
-    torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
+    torch.set_num_threads(THREADS)
     pcfg, server = cfg["privacy"], msg.content[messages.CONFIG]
     steps = int(server["local-steps"])
     ledger = Ledger(ledger_path, float(pcfg["delta"]), pcfg["accountant"])
@@ -84,7 +87,7 @@ def train(msg: Message, context: Context, cfg: dict, hospital: Hospital, ledger_
 
 def audit(msg: Message, cfg: dict, hospital: Hospital) -> Message:
     """The audit's and the utility scoring's aggregates over the hospital's own images."""
-    torch.set_num_threads(int(cfg.get("threads_per_hospital", 1)))
+    torch.set_num_threads(THREADS)
     twin = msg.content[messages.TWIN]["images"].numpy()
     classifier = Classifier(len(cfg["data"]["classes"]))
     set_weights(classifier, messages.from_record(msg.content[messages.CLASSIFIER]))
@@ -105,7 +108,41 @@ def audit(msg: Message, cfg: dict, hospital: Hospital) -> Message:
             messages.HOSPITAL: ConfigRecord({"name": hospital.name}),
         }
     )
+    if cfg["eval"]["hybrid"]:
+        labels = msg.content[messages.TWIN]["labels"].numpy()
+        for key, scores in own_classifiers(cfg, hospital, (twin, labels)).items():
+            content[key] = MetricRecord(messages.flatten(scores))
     return Message(content=content, reply_to=msg)
+
+
+def own_classifiers(
+    cfg: dict, hospital: Hospital, twin: tuple[np.ndarray, np.ndarray]
+) -> dict[str, dict]:
+    """The hospital's own question, does the twin help *me*: the twin's classifier
+    architecture trained here on the hospital's training images alone, and on them plus the
+    twin, each scored on its holdout (``site_utility`` aggregates; the models stay here)."""
+    ev, n_classes = cfg["eval"], len(cfg["data"]["classes"])
+    train = hospital.train
+    sets = {
+        messages.UTILITY_REAL: (train.images, train.labels),
+        messages.UTILITY_HYBRID: (
+            np.concatenate([train.images, twin[0]]),
+            np.concatenate([train.labels, twin[1].astype(train.labels.dtype)]),
+        ),
+    }
+    scores = {}
+    for key, (images, labels) in sets.items():
+        model = train_classifier(
+            images,
+            labels,
+            n_classes,
+            epochs=int(ev["epochs"]),
+            batch_size=int(ev["batch_size"]),
+            lr=float(ev["lr"]),
+            seed=int(ev["seeds"][0]),
+        )
+        scores[key] = site_utility(model, hospital.holdout.images, hospital.holdout.labels)
+    return scores
 
 
 def _train_round(
@@ -143,7 +180,7 @@ def _train_round(
         batch_size=batch,
         history=ledger.history(),
         seed=round_seed(int(cfg["seed"]), hospital.name, server_round),
-        device=str(cfg.get("device_resolved", "cpu")),
+        device=resolve_device(str(cfg["device"])),  # on the hospital's own machine
         optimizer_state=_optimizer_state(context),
     )
     release = (plan.noise_multiplier, plan.sample_rate, result.steps)

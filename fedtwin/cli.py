@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the whole pipeline on one machine (simulation)")
     demo.add_argument("--out", required=True, type=Path, help="output directory")
     demo.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.rounds=5")
+    demo.add_argument(
+        "--verbose", action="store_true", help="show Flower's log, not only a line per round"
+    )
 
     hospitals = sub.add_parser("hospitals", help="hospital archives for trials and tests")
     hsub = hospitals.add_subparsers(dest="action", required=True)
@@ -223,7 +226,7 @@ def cmd_demo(args) -> int:
     from fedtwin.demo import run_demo
 
     cfg = load_config(args.overrides)
-    summary = run_demo(cfg, args.out)
+    summary = run_demo(cfg, args.out, verbose=args.verbose)
     ev = summary["evaluation"]
     eps = ", ".join(f"{k} {v:.2f}" for k, v in summary["epsilon_per_hospital"].items())
     gate = summary["gate"]
@@ -325,7 +328,7 @@ def cmd_pki(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    from fedtwin.server.deploy import write_app
+    from fedtwin.server.app_folder import write_app
 
     path = write_app(args.dir, args.out, args.overrides)
     print(f"Flower app: {path}\nstart the run with: flwr run {args.dir} <superlink-connection>")

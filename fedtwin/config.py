@@ -8,16 +8,21 @@ Ray, no Flower).
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import re
 import shlex
 from collections.abc import Mapping
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
+
+from fedtwin import schema
 
 ACCOUNTANTS = ("rdp", "prv")  # the Opacus accountants fedtwin plans and accounts with
 
@@ -35,6 +40,7 @@ def load_config(overrides: list[str] | None = None) -> dict[str, Any]:
 
 
 def _compose(overrides: list[str]) -> dict[str, Any]:
+    schema.register()
     with initialize_config_module(config_module="fedtwin.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
@@ -82,6 +88,10 @@ def _override_problem(overrides: list[str], error: HydraException) -> str:
         key = override.key_or_group
         if key not in known and not (override.is_add() or override.is_force_add()):
             return f"{text}: no such setting; did you mean {_nearest(key, known)}?"
+    cause = str(error.__cause__ or "")  # a value of the wrong type (fedtwin/schema.py)
+    for text, override in parsed:
+        if f"full_key: {override.key_or_group}\n" in cause + "\n":
+            return f"config: {text}: {cause.splitlines()[0]}"
     return f"config: {str(error).splitlines()[0]}"
 
 
@@ -191,9 +201,39 @@ def resolve_device(name: str) -> str:
     return name
 
 
+RUN_KEYS = ("out", "overrides", "config")  # the run config's own keys; the others are settings
+
+
 def config_from_run(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """A deployed run's config: ``overrides`` of the Flower run config (Hydra overrides as
-    on the demo's command line, one string) applied to the shipped defaults."""
+    """A Flower run's config: the run config's ``overrides`` (Hydra overrides as on the
+    demo's command line, one string, e.g. ``"+experiment=tiny model=ddpm"``), then each of
+    its dotted keys (``federation.rounds = 20`` in ``[tool.flwr.app.config]``, or
+    ``flwr run --run-config "federation.rounds=2"``) applied to the shipped defaults. Or,
+    given ``config`` (a JSON file of resolved settings, as ``fedtwin demo`` writes), that."""
+    if run_config.get("config"):
+        path = Path(str(run_config["config"]))
+        extra = sorted(k for k, v in run_config.items() if k not in ("out", "config") and v != "")
+        if extra:
+            raise ValueError(f"run config: {', '.join(extra)} given with config={path}")
+        cfg = json.loads(path.read_text())
+        check_config(cfg)
+        return cfg
     overrides = shlex.split(str(run_config.get("overrides", "")))
-    cfg = load_config(overrides)
-    return {**cfg, "device_resolved": resolve_device(str(cfg.get("device", "auto")))}
+    overrides += [
+        f"{key}={_override_value(value)}"
+        for key, value in sorted(run_config.items())
+        if key not in RUN_KEYS
+    ]
+    return load_config(overrides)
+
+
+def _override_value(value: Any) -> str:
+    """A run config value (bool, int, float or str) as Hydra reads it on a command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if re.fullmatch(r"[\w./+-]+", text):
+        return text  # a plain word or path; "null" stays null
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -55,8 +55,11 @@ def simulate_hospitals(cfg: dict, train: Split) -> list[Hospital]:
     )
 
 
-def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str, Any]:
-    """Run everything into ``out``; returns the summary also written to ``summary.json``."""
+def run_demo(
+    cfg: dict[str, Any], out: Path, progress: bool = True, verbose: bool = False
+) -> dict[str, Any]:
+    """Run everything into ``out``; returns the summary also written to ``summary.json``.
+    ``verbose`` shows Flower's own log as the federation runs."""
     from fedtwin.checkpoints import read_history
     from fedtwin.gate import final_epsilons
     from fedtwin.metrics import evaluate_twin
@@ -66,7 +69,7 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
     start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**cfg, "device_resolved": resolve_device(str(cfg.get("device", "auto")))}
+    resolve_device(str(cfg["device"]))  # device=cuda without a GPU: an error now, not later
     write_json(out / "config.json", cfg)
     train, val, _ = load_real_data(cfg)
     hospitals = simulate_hospitals(cfg, train)
@@ -80,7 +83,7 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
     # Training, then the twin: generated, audited at the hospitals, written, signed if passed.
     from fedtwin.server.simulation import run_federation
 
-    run_federation(cfg, hospitals, out)
+    run_federation(cfg, out, verbose=verbose)
     federation_time = time.time() - start
     twin_dir = out / "twin"
     if not (twin_dir / "manifest.json").is_file():
@@ -112,6 +115,8 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
         "gate": manifest["gate"],
         "audit": manifest["audit"],
         "federated_utility": manifest["federated_utility"],
+        "hybrid": hybrid_figures(manifest["federated_utility"]),
+        "per_hospital": per_hospital_figures(manifest["federated_utility"]),
         "evaluation": evaluation,
     }
     write_json(out / "summary.json", summary)
@@ -137,6 +142,26 @@ def run_demo(cfg: dict[str, Any], out: Path, progress: bool = True) -> dict[str,
         ],
     )
     return summary
+
+
+UTILITY_KINDS = ("twin", "hybrid", "real_only")  # whose classifier scored the holdouts
+
+
+def hybrid_figures(utility: dict) -> dict:
+    """Pooled over the hospitals' holdouts: AUC and accuracy of the twin's classifier, and
+    of the hospitals' own classifiers trained with the twin and without it."""
+    kinds = {"twin": utility, **{k: utility[k] for k in UTILITY_KINDS[1:] if k in utility}}
+    return {k: {m: u[m] for m in ("auc", "acc", "n")} for k, u in kinds.items()}
+
+
+def per_hospital_figures(utility: dict) -> dict:
+    """Hospital -> its holdout size and, for each classifier, its AUC and accuracy there."""
+    kinds = {"twin": utility, **{k: utility[k] for k in UTILITY_KINDS[1:] if k in utility}}
+    return {
+        name: {"holdout": row["n"]}
+        | {k: {m: u["per_hospital"][name][m] for m in ("auc", "acc")} for k, u in kinds.items()}
+        for name, row in utility.get("per_hospital", {}).items()
+    }
 
 
 def round_losses(history: list[dict]) -> list[dict]:

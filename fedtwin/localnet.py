@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedtwin import pki
-from fedtwin.server.deploy import write_app
+from fedtwin.server.app_folder import write_app
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr
 FLWR_POLL = 3.0  # seconds between checks that run the flwr CLI (see wait_for)
@@ -59,10 +59,11 @@ def wait_for(
     raise TimeoutError(f"{what}: not within {timeout:.0f} s")
 
 
-def healthy(port: int, ca: Path) -> bool:
-    context = ssl.create_default_context(cafile=str(ca))
+def healthy(port: int, ca: Path | None) -> bool:
+    """The SuperLink on ``port`` answers its health check (over TLS when ``ca`` is given)."""
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     try:
-        url = f"https://127.0.0.1:{port}/health"
+        url = f"{'https' if ca else 'http'}://127.0.0.1:{port}/health"
         with urllib.request.urlopen(url, context=context, timeout=5) as r:
             return r.status == 200
     except OSError:
@@ -123,13 +124,27 @@ class Consortium:
         ])  # fmt: skip
         return self.nodes[name]
 
-    def connect_operator(self) -> None:
+    def start_simulation_link(self) -> subprocess.Popen:
+        """A SuperLink on Flower's Simulation Engine: what ``flwr run .`` starts by itself,
+        here on a free port, without TLS (nothing leaves 127.0.0.1), ended by ``stop``."""
+        link = self.start("superlink", [
+            str(BIN / "flower-superlink"), "--insecure", "--simulation",
+            "--isolation", "subprocess", "--database", str(self.root / "state.db"),
+            "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+            "--port", str(self.port),
+        ])  # fmt: skip
+        wait_for("SuperLink health", lambda: healthy(self.port, None), 120, link)
+        self.link = link
+        return link
+
+    def connect_operator(self, tls: bool = True) -> None:
         """The operator's ``flwr`` connection "consortium" to this SuperLink."""
         home = self.root / "homes" / "operator"
         home.mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{self.ca}"' if tls else "insecure = true"
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.ca}"\n'
+            f'address = "127.0.0.1:{self.port}"\n{security}\n'
         )
 
     def register(self, name: str) -> None:
@@ -138,12 +153,19 @@ class Consortium:
             raise RuntimeError(f"registering {name}: {out.stdout}{out.stderr}")
 
     def start_run(self, out: Path, overrides: str) -> str:
-        """``flwr run`` of the app for ``out``; the run id."""
+        """``flwr run`` of an app folder (``fedtwin deploy app``) for ``out``; the run id."""
         app = write_app(self.root / f"app-{out.name}", out, overrides).parent
-        started = self.flwr("run", str(app), "consortium", "--format", "json")
+        return self.flwr_run(app, out)
+
+    def flwr_run(self, app: Path, out: Path, *options: str) -> str:
+        """``flwr run <app> consortium <options>`` of a run writing to ``out``; its id."""
+        started = self.flwr("run", str(app), "consortium", *options, "--format", "json")
         if started.returncode != 0:
             raise RuntimeError(f"flwr run: {started.stdout}{started.stderr}")
-        run_id = str(json.loads(started.stdout)["run-id"])
+        try:
+            run_id = str(json.loads(started.stdout)["run-id"])
+        except (json.JSONDecodeError, KeyError):
+            raise RuntimeError(f"flwr run: {started.stdout}{started.stderr}") from None
         self.outs[run_id] = out
         return run_id
 
@@ -151,16 +173,21 @@ class Consortium:
         """``flwr run`` of the app for ``out``; waits for the run to finish."""
         return self.wait_run(self.start_run(out, overrides), timeout)
 
-    def wait_run(self, run_id: str, timeout: float) -> dict:
+    def wait_run(
+        self, run_id: str, timeout: float, watch: Callable[[], None] | None = None
+    ) -> dict:
         """Wait for the run to finish; returns its ``flwr ls`` entry and its logs. Asking
         the SuperLink costs a ``flwr`` call (about 2 s of CPU), so it is asked every
         ``FLWR_IDLE_POLL`` s (a failed run is noticed then) until the run's twin manifest,
-        the last file a run writes, is there, and every ``FLWR_POLL`` s after."""
+        the last file a run writes, is there, and every ``FLWR_POLL`` s after. ``watch`` is
+        called every second meanwhile, and once at the end (progress lines)."""
         manifest = self.outs[run_id] / "twin" / "manifest.json" if run_id in self.outs else None
         asked = -math.inf
 
         def finished():
             nonlocal asked
+            if watch is not None:
+                watch()
             written = manifest is None or manifest.is_file()
             if time.monotonic() - asked < (FLWR_POLL if written else FLWR_IDLE_POLL):
                 return None
@@ -173,6 +200,8 @@ class Consortium:
             return run if run["status"].startswith("finished") else None
 
         run = wait_for(f"run {run_id}", finished, timeout, every=1.0)
+        if watch is not None:
+            watch()
         run["logs"] = self.flwr("log", run_id, "consortium", "--show").stdout
         return run
 
@@ -181,6 +210,14 @@ class Consortium:
         return subprocess.run(
             [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout
         )
+
+    def stream_log(self, run_id: str) -> subprocess.Popen:
+        """``flwr log <run> --stream`` to this terminal until ``stop``."""
+        env = {**self.env, "FLWR_HOME": str(self.root / "homes" / "operator")}
+        cmd = [str(BIN / "flwr"), "log", run_id, "consortium", "--stream"]
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
 
     def node_list(self) -> list[dict]:
         out = self.flwr("supernode", "list", "consortium", "--format", "json")
@@ -212,6 +249,10 @@ class Consortium:
                 os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
+        """End every process started here, and what they started in sessions of their own
+        (the SuperLink's simulation process, a ServerApp, a ClientApp)."""
+        running = [proc for proc in self.procs if proc.poll() is None]
+        started = [pid for proc in running for pid in descendants(proc.pid)]
         for proc in self.procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -222,6 +263,10 @@ class Consortium:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        for pid in started:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def descendants(pid: int) -> list[int]:
@@ -250,6 +295,19 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def simulation(root: Path) -> Consortium:
+    """A SuperLink on Flower's Simulation Engine in ``root`` and the operator's connection
+    "consortium" to it, for ``Consortium.flwr_run`` of the repository's own app."""
+    c = Consortium(root)
+    try:
+        c.start_simulation_link()
+        c.connect_operator(tls=False)
+    except BaseException:
+        c.stop()
+        raise
+    return c
 
 
 def build(root: Path, source: Path, names: tuple[str, ...], per_hospital: int = 300) -> Consortium:

@@ -218,7 +218,33 @@ def _audit_section(audit: Mapping[str, Any] | None, gate: Mapping, utility: Mapp
         f"{'<ul>' + notes + '</ul>' if notes else ''}"
         "<h3>Federated utility</h3><p>The twin-trained classifier scored on every hospital's "
         f"holdout: AUC {_num(utility.get('auc'))}, accuracy {_num(utility.get('acc'))} "
-        f"over {utility.get('n')} images.</p>"
+        f"over {utility.get('n')} images.</p>{_per_hospital_table(utility)}"
+    )
+
+
+def _per_hospital_table(utility: Mapping[str, Any]) -> str:
+    """Each hospital's holdout scored by the twin's classifier, and (eval.hybrid) by the
+    same classifier trained at the hospital on its own images, alone and with the twin."""
+    kinds = [("twin", utility)] + [(k, utility[k]) for k in ("hybrid", "real_only") if k in utility]
+    heads = {"twin": "twin only", "hybrid": "own + twin", "real_only": "own images only"}
+    rows = []
+    for name in sorted(utility.get("per_hospital", {})):
+        cells = "".join(
+            f"<td>{_num(_get(u, 'per_hospital', name, 'auc'))} / "
+            f"{_num(_get(u, 'per_hospital', name, 'acc'))}</td>"
+            for _, u in kinds
+        )
+        n = _get(utility, "per_hospital", name, "n")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{n}</td>{cells}</tr>")
+    if not rows:
+        return ""
+    pooled = "".join(f"<td>{_num(u.get('auc'))} / {_num(u.get('acc'))}</td>" for _, u in kinds)
+    head = "".join(f"<th>{heads[k]}: AUC / acc</th>" for k, _ in kinds)
+    return (
+        "<p>Per hospital, on its own holdout: does the twin help it? A hospital the twin "
+        "serves badly shows here, not in the pooled figure.</p>"
+        f"<table><tr><th>hospital</th><th>holdout images</th>{head}</tr>{''.join(rows)}"
+        f"<tr><td><b>all</b></td><td>{utility.get('n')}</td>{pooled}</tr></table>"
     )
 
 

@@ -82,10 +82,14 @@ def epsilon_from_metric(value: float) -> float:
 
 # ---- after training: the audit query (server -> hospital -> server) ----------------------
 AUDIT_QUERY = "query.audit"  # Flower message type; the ClientApp registers @app.query("audit")
-TWIN = "twin"  # server -> hospital: the candidate twin's images (ArrayRecord "images")
+TWIN = "twin"  # server -> hospital: the candidate twin (ArrayRecord "images", "labels")
 CLASSIFIER = "classifier"  # server -> hospital: weights of the classifier trained on the twin
 AUDIT = "audit"  # server -> hospital: audit parameters; hospital -> server: its aggregates
 UTILITY = "utility"  # hospital -> server: the classifier's scores on its holdout (aggregates)
+# hospital -> server, with eval.hybrid: the same scores of classifiers the hospital trained on
+# its own images alone and on its own images plus the twin (does the twin help *me*?)
+UTILITY_REAL = "utility-real"
+UTILITY_HYBRID = "utility-hybrid"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

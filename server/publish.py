@@ -4,7 +4,8 @@
    shares (released under DP during training);
 2. a classifier is trained on the twin alone (it has seen no real image, so it may travel);
 3. one ``query.audit`` message per hospital carries twin and classifier; each hospital
-   answers with its audit and utility aggregates (``client_app.audit``);
+   answers with its audit and utility aggregates (``client_app.audit``), and with
+   ``eval.hybrid`` the scores of its own classifiers, on its images alone and with the twin;
 4. the server pools them (``fedtwin.audit.pool``, ``fedtwin.utility.pool_utility``) and
    writes the twin directory with ``audit.json`` and a manifest holding both;
 5. the gate (``fedtwin.gate``): only a twin that passed, or one the operator overrode
@@ -23,6 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtwin.audit import pool
+from fedtwin.config import resolve_device
 from fedtwin.gate import consortium_key, final_epsilons, label_counts, write_gated_twin
 from fedtwin.metrics import train_classifier
 from fedtwin.models import build_model
@@ -33,16 +35,27 @@ from fedtwin.twin import generate_from_rounds, label_mix
 from fedtwin.utility import pool_utility
 
 AUDIT_PARAMETERS = ("copy_margin", "copy_coarse", "density_k", "bins")
+UTILITY_KINDS = {  # which classifier's holdout scores: the twin's, or the hospital's own two
+    "twin": messages.UTILITY,
+    "real_only": messages.UTILITY_REAL,
+    "hybrid": messages.UTILITY_HYBRID,
+}
 
 
 def ask_hospitals(
-    grid: Grid, images: np.ndarray, classifier: dict, audit_cfg: dict, timeout: float | None
+    grid: Grid,
+    twin: tuple[np.ndarray, np.ndarray],
+    classifier: dict,
+    audit_cfg: dict,
+    timeout: float | None,
 ) -> tuple[dict, dict, list[dict]]:
-    """Send the audit query to every node; returns audit and utility aggregates by
-    hospital name, and the nodes that did not answer with their reason."""
+    """Send the audit query to every node; returns audit aggregates and utility aggregates
+    (``{"twin": ..., "real_only": ..., "hybrid": ...}``, the last two with ``eval.hybrid``)
+    by hospital name, and the nodes that did not answer with their reason."""
+    images, labels = twin
     content = RecordDict(
         {
-            messages.TWIN: messages.to_record({"images": images}),
+            messages.TWIN: messages.to_record({"images": images, "labels": labels}),
             messages.CLASSIFIER: messages.to_record(classifier),
             messages.AUDIT: ConfigRecord({k: audit_cfg[k] for k in AUDIT_PARAMETERS}),
         }
@@ -59,7 +72,11 @@ def ask_hospitals(
             continue
         name = str(reply.content[messages.HOSPITAL]["name"])
         audits[name] = messages.unflatten(dict(reply.content[messages.AUDIT]))
-        utilities[name] = messages.unflatten(dict(reply.content[messages.UTILITY]))
+        utilities[name] = {
+            kind: messages.unflatten(dict(reply.content[key]))
+            for kind, key in UTILITY_KINDS.items()
+            if key in reply.content
+        }
     failed += [{"node": n, "reason": "no answer"} for n in nodes if n not in answered]
     return audits, utilities, failed
 
@@ -88,7 +105,7 @@ def publish_twin(
         set_weights(model, weights)
         models.append(model)
     labels = label_mix(label_counts(history, n_classes), int(tw["size"]), tw["label_mix"], seed)
-    device = str(cfg.get("device_resolved", "cpu"))
+    device = resolve_device(str(cfg["device"]))
     images = generate_from_rounds(models, labels, seed, device=device)
     rounds = [r for r, _ in global_models]
     log(INFO, "twin: %d candidate images from the global models of rounds %s; training the "
@@ -105,7 +122,7 @@ def publish_twin(
     log(INFO, "twin: privacy audit and utility at the hospitals")
     timeout = au.get("timeout_s")
     audits, utilities, failed = ask_hospitals(
-        grid, images, get_weights(classifier), au, float(timeout) if timeout else None
+        grid, (images, labels), get_weights(classifier), au, float(timeout) if timeout else None
     )
     trained = set(final_epsilons(history))
     # Only a hospital that trained has members: the others' images would dilute the test.
@@ -124,7 +141,11 @@ def publish_twin(
             f"not audited: {', '.join(missing)} trained the generator but did not answer the "
             f"audit ({'; '.join(f['reason'] for f in failed) or 'no answer'})"
         )
-    utility = pool_utility(utilities)
+    utility = pool_utility({n: u["twin"] for n, u in utilities.items()})
+    for kind in ("real_only", "hybrid"):  # the hospitals' own classifiers (eval.hybrid)
+        answered = {n: u[kind] for n, u in utilities.items() if kind in u}
+        if answered:
+            utility[kind] = pool_utility(answered)
     gate = write_gated_twin(
         Path(out), cfg, images, labels, audit, utility, history, rounds,
         key=lambda: signing_key(cfg, out),

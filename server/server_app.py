@@ -1,5 +1,14 @@
 """Consortium side: a Flower ServerApp that trains the generator federated, then has the
-twin audited at the hospitals and publishes it (``publish.publish_twin``)."""
+twin audited at the hospitals and publishes it (``publish.publish_twin``).
+
+``app`` is the one ServerApp that ``pyproject.toml`` names, for ``flwr run`` in simulation
+and deployment alike. Its settings come from the Flower run config
+(``[tool.flwr.app.config]``, or ``flwr run --run-config``):
+
+    out        the operator's output folder: checkpoints, history.json, twin/, keys/
+    overrides  Hydra overrides as on the demo's command line, e.g. "+experiment=tiny"
+    <group>.<key>  any setting by its Hydra name, e.g. federation.rounds=20
+"""
 
 from __future__ import annotations
 
@@ -14,7 +23,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedtwin.checkpoints import load_checkpoint, recent_global_models, save_checkpoint
-from fedtwin.config import check_config
+from fedtwin.config import check_config, config_from_run
+from fedtwin.jsonio import write_json
 from fedtwin.models import build_model
 from fedtwin.privacy import uses_features
 from fedtwin.server import messages
@@ -171,3 +181,16 @@ def make_server_app(
         train_and_publish(grid, context, cfg, out, strategy_class)
 
     return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = config_from_run(context.run_config)
+    out = Path(str(context.run_config.get("out", "runs/flwr"))).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", cfg)
+    log(INFO, "fedtwin run %s: output in %s", context.run_id, out)
+    train_and_publish(grid, context, cfg, out)

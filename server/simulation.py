@@ -1,37 +1,85 @@
-"""The demo's federation on Flower's Simulation Engine: one virtual SuperNode per hospital,
-the same ServerApp and ClientApp as a deployment, the hospitals' data held in memory."""
+"""The demo's federation: the repository's one Flower app (``fedtwin.server.server_app:app``,
+``fedtwin.client.client_app:app``) started by ``flwr run``, as ``flwr run .`` starts it, on
+Flower's Simulation Engine, one simulated SuperNode per hospital.
+
+The SuperLink is the demo's own (127.0.0.1, a free port, files under ``<out>/flower``), and
+ends with the demo. The run reads the demo's resolved settings from ``<out>/config.json``.
+The terminal shows one line per round, read from ``<out>/history.json``; ``verbose``
+streams the run's Flower log (``flwr log --stream``) as well.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 
-from fedtwin.data import Hospital
+log = logging.getLogger("fedtwin")
 
 
-def run_federation(cfg: dict, hospitals: list[Hospital], out: Path) -> None:
-    """Train on Flower's Simulation Engine, one virtual SuperNode per hospital."""
-    from flwr.simulation import run_simulation
+def run_federation(cfg: dict, out: Path, verbose: bool = False) -> None:
+    """Train, publish and audit the twin of ``cfg`` (already written to ``out/config.json``)
+    into ``out``. Raises RuntimeError with the run's log if the run did not complete."""
+    from fedtwin.localnet import simulation
+    from fedtwin.server.app_folder import write_app
 
-    from fedtwin.client.client_app import make_client_app
-    from fedtwin.server.server_app import make_server_app
-
-    def load_hospital(context) -> Hospital:
-        return hospitals[int(context.node_config["partition-id"])]
-
-    def ledger_path(context, hospital: Hospital) -> Path:
-        return out / "ledgers" / f"{hospital.name}.sqlite"  # each simulated hospital's disk
-
-    cpus = max(1, os.cpu_count() or 1)
-    per_hospital = max(1, int(cfg["federation"].get("cpus_per_hospital", 1)))
-    cfg = {**cfg, "threads_per_hospital": per_hospital}
-    backend = {
-        "client_resources": {"num_cpus": per_hospital, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error"},
-    }
-    run_simulation(
-        server_app=make_server_app(cfg, out),
-        client_app=make_client_app(cfg, load_hospital, ledger_path),
-        num_supernodes=len(hospitals),
-        backend_config=backend,
+    work = Path(out) / "flower"
+    work.mkdir(parents=True, exist_ok=True)
+    app = write_app(work / "app", out, config=Path(out) / "config.json").parent
+    hospitals = int(cfg["federation"]["hospitals"])
+    engine = (
+        f"num-supernodes={hospitals} client-resources-num-cpus=1 "
+        f"init-args-num-cpus={max(1, os.cpu_count() or 1)} init-args-logging-level='error'"
     )
+    c = simulation(work)
+    try:
+        run_id = c.flwr_run(app, out, "--federation-config", engine)
+        if verbose:
+            c.stream_log(run_id)
+        watch = Progress(Path(out), int(cfg["federation"]["rounds"]))
+        run = c.wait_run(run_id, math.inf, watch=watch)
+    finally:
+        c.stop()
+    if run["status"] != "finished:completed":
+        raise RuntimeError(f"the federation ended {run['status']}:\n{run['logs'][-4000:]}")
+
+
+class Progress:
+    """Called at each poll of a running federation: a line for each round that
+    ``history.json`` gained (round, hospitals, epsilon, losses), then one as the twin is
+    made."""
+
+    def __init__(self, out: Path, rounds: int):
+        self.out, self.rounds, self.shown, self.twin = out, rounds, 0, False
+
+    def __call__(self) -> None:
+        from fedtwin.checkpoints import read_history
+
+        try:
+            history = read_history(self.out)
+        except (OSError, ValueError):  # not written yet, or being replaced
+            return
+        for entry in history[self.shown :]:
+            log.info("%s", round_line(entry, self.rounds))
+        self.shown = max(self.shown, len(history))
+        if history and history[-1]["round"] >= self.rounds and not self.twin:
+            log.info("the twin: generating, auditing at the hospitals, signing if it passes")
+            self.twin = True
+
+
+def round_line(entry: dict, rounds: int) -> str:
+    """``round 3/5: 4 hospitals, epsilon <= 6.12, loss_d 1.31 loss_g 0.84``."""
+    hospitals = entry["hospitals"]
+    what = "feature release" if entry["round"] == 0 else f"round {entry['round']}/{rounds}"
+    line = f"{what}: {len(hospitals)} hospital{'s' if len(hospitals) != 1 else ''}"
+    epsilons = [m["epsilon"] for m in hospitals.values() if "epsilon" in m]
+    if epsilons:
+        line += f", epsilon <= {max(epsilons):.2f}"
+    for key in ("loss_d", "loss_g", "loss"):
+        values = [m[key] for m in hospitals.values() if key in m]
+        if values:
+            line += f", {key} {sum(values) / len(values):.3f}"
+    if entry.get("refused"):
+        line += f", {len(entry['refused'])} refused"
+    return line

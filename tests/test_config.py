@@ -80,3 +80,19 @@ def test_deploy_app_refuses_bad_overrides_before_writing_the_app(tmp_path, capsy
     assert main([*args, "--overrides", "federation.rounds=0"]) == 2
     assert "federation.rounds=0" in capsys.readouterr().err
     assert not (app / "pyproject.toml").exists()
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("privacy.enabled=maybe", "privacy.enabled=maybe: Value 'maybe' is not a valid bool"),
+        ("federation.secagg.max_examples=x", "federation.secagg.max_examples=x: Value 'x'"),
+        ("model.width=wide", "model.width=wide: Value 'wide'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_when_the_config_is_composed(override, says):
+    """fedtwin/schema.py types every key of every group, nested ones and each model's own."""
+    overrides = ["model=ddpm", override] if override.startswith("model.") else [override]
+    with pytest.raises(ValueError) as e:
+        load_config(overrides)
+    assert str(e.value).startswith(f"config: {says}") and "\n" not in str(e.value)

@@ -154,3 +154,45 @@ def test_one_hospital_with_secure_aggregation_is_refused_before_anything_starts(
         run_demo(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     check_federation(load_config(["federation.hospitals=1", "federation.secure_aggregation=false"]))
+
+
+def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
+    """Each simulated hospital's own classifiers (its images alone, and with the twin),
+    trained again here on the same data with the same seed and scored on its holdout, give
+    the figures the hospitals sent as histograms."""
+    import torch
+
+    from fedtwin.metrics import classification_scores, predict_proba, train_classifier
+
+    out, _ = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    train, _, _ = load_real_data(cfg)
+    with np.load(out / "twin" / "images.npz") as npz:
+        twin = npz["train_images"], npz["train_labels"][:, 0].astype(np.int64)
+    ev, threads = cfg["eval"], torch.get_num_threads()
+    torch.set_num_threads(1)  # as at the hospitals
+    try:
+        for h in simulate_hospitals(cfg, train):
+            mine = summary["per_hospital"][h.name]
+            assert mine["holdout"] == len(h.holdout)
+            sets = {
+                "real_only": (h.train.images, h.train.labels),
+                "hybrid": (
+                    np.concatenate([h.train.images, twin[0]]),
+                    np.concatenate([h.train.labels, twin[1]]),
+                ),
+            }
+            for kind, (images, labels) in sets.items():
+                model = train_classifier(images, labels, 2, epochs=int(ev["epochs"]),
+                                         batch_size=int(ev["batch_size"]), lr=float(ev["lr"]),
+                                         seed=int(ev["seeds"][0]))  # fmt: skip
+                expected = classification_scores(predict_proba(model, h.holdout.images),
+                                                 h.holdout.labels)  # fmt: skip
+                assert mine[kind]["acc"] == pytest.approx(expected["acc"], abs=0.01), (h.name, kind)
+                assert mine[kind]["auc"] == pytest.approx(expected["auc"], abs=0.01), (h.name, kind)
+    finally:
+        torch.set_num_threads(threads)
+    pooled = summary["hybrid"]
+    assert set(pooled) == {"twin", "hybrid", "real_only"}
+    assert pooled["twin"]["n"] == sum(m["holdout"] for m in summary["per_hospital"].values())

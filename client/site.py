@@ -1,7 +1,8 @@
-"""Hospital side in deployment: the ClientApp a hospital's ``flower-supernode`` runs.
+"""Where a hospital's data, privacy ledger and budget come from, for the one ClientApp
+(``fedtwin.client.client_app:app``) in deployment and in simulation.
 
-What the hospital decides is in its node config (``--node-config``), never in the server's
-run config:
+**Deployment** (a hospital's ``flower-supernode``): what the hospital decides is in its node
+config (``--node-config``), never in the server's run config:
 
     data='/srv/archive'            its images: a DICOM folder with labels.csv (as
                                    ``fedtwin hospitals make`` writes, with hospital.json),
@@ -11,9 +12,16 @@ run config:
     delta=1e-5                     (optional; default the run's privacy.delta)
     name='hospital-0'              (optional; default from hospital.json or the file name)
     dp=true                        (optional; only a node config can turn DP off)
+    hybrid=true                    (optional; false: never send the scores of classifiers
+                                   trained here, whatever the run's eval.hybrid)
 
 The run's other settings (model, rounds, local steps, batch size) come from the server.
 The budget comes only from here; the server cannot raise it or switch DP off.
+
+**Simulation** (``flwr run .``, Flower's Simulation Engine): a node has only its
+``partition-id``. Its hospital is that part of ``data.*`` split as ``fedtwin demo`` splits
+it (``federation.hospitals``, ``federation.partition``, ``federation.alpha``), its budget is
+the run's ``privacy.*`` and its ledger ``<out>/ledgers/<hospital>.sqlite``.
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ from typing import TYPE_CHECKING
 
 from flwr.app import Context
 
-from fedtwin.client.client_app import ledger_from_node_config, make_client_app
 from fedtwin.config import check_config, config_from_run
 
 if TYPE_CHECKING:
@@ -36,8 +43,16 @@ if TYPE_CHECKING:
 REQUIRED = ("data", "ledger", "epsilon")
 
 
-def hospital_config(context: Context) -> dict:
-    """The run's settings with the hospital's own privacy budget from its node config."""
+def deployed(context: Context) -> bool:
+    """A hospital's own SuperNode (its node config names its data), not a simulated one."""
+    return "partition-id" not in context.node_config
+
+
+def settings(context: Context) -> dict:
+    """The run's settings; deployed, with the hospital's own privacy budget."""
+    cfg = config_from_run(context.run_config)
+    if not deployed(context):
+        return cfg
     node = context.node_config
     missing = [k for k in REQUIRED if k not in node]
     if missing:
@@ -45,20 +60,24 @@ def hospital_config(context: Context) -> dict:
             f"node config lacks {', '.join(missing)}: start flower-supernode with "
             f"--node-config \"data='/path/archive' ledger='/path/ledger.sqlite' epsilon=10.0\""
         )
-    cfg = config_from_run(context.run_config)
     privacy = {
         **cfg["privacy"],
         "enabled": bool(node.get("dp", True)),
         "epsilon": float(node["epsilon"]),
         "delta": float(node.get("delta", cfg["privacy"]["delta"])),
     }
-    cfg = {**cfg, "privacy": privacy}
+    hybrid = bool(cfg["eval"]["hybrid"]) and bool(node.get("hybrid", True))
+    cfg = {**cfg, "privacy": privacy, "eval": {**cfg["eval"], "hybrid": hybrid}}
     check_config(cfg)  # the node's own budget too
     return cfg
 
 
 def load_site(context: Context) -> Hospital:
-    node, cfg = context.node_config, config_from_run(context.run_config)
+    """The hospital's images and its fixed holdout."""
+    cfg = config_from_run(context.run_config)
+    if not deployed(context):
+        return simulated_hospital(context, cfg)
+    node = context.node_config
     return load_archive(
         str(node["data"]),
         str(node.get("name", "")),
@@ -66,6 +85,43 @@ def load_site(context: Context) -> Hospital:
         float(cfg["federation"]["holdout_fraction"]),
         n_classes=len(cfg["data"]["classes"]),
     )
+
+
+def ledger_path(context: Context, hospital: Hospital) -> Path:
+    """Deployed: the node config's ``ledger``; simulated: ``<out>/ledgers/<hospital>.sqlite``."""
+    if not deployed(context):
+        return run_out(context) / "ledgers" / f"{hospital.name}.sqlite"
+    if "ledger" not in context.node_config:
+        raise ValueError(
+            f"{hospital.name}: the node config has no 'ledger' (the privacy ledger's path, "
+            f"e.g. --node-config \"ledger='/var/lib/fedtwin/ledger.sqlite'\")"
+        )
+    return Path(str(context.node_config["ledger"]))
+
+
+def run_out(context: Context) -> Path:
+    """The run's output folder (run config ``out``), on the operator's machine."""
+    return Path(str(context.run_config.get("out", "runs/flwr"))).resolve()
+
+
+def simulated_hospital(context: Context, cfg: dict) -> Hospital:
+    part, parts = int(context.node_config["partition-id"]), int(cfg["federation"]["hospitals"])
+    if part >= parts:
+        raise ValueError(
+            f"simulated SuperNode {part} has no hospital: federation.hospitals={parts}; run "
+            f'with as many SuperNodes (flwr run . --federation-config "num-supernodes={parts}")'
+        )
+    keys = {k: cfg[k] for k in ("data", "federation", "seed")}
+    return _simulated_hospitals(json.dumps(keys, sort_keys=True))[part]
+
+
+@functools.lru_cache(maxsize=1)
+def _simulated_hospitals(keys: str) -> list[Hospital]:
+    from fedtwin.demo import load_real_data, simulate_hospitals
+
+    cfg = json.loads(keys)
+    train, _, _ = load_real_data(cfg)
+    return simulate_hospitals(cfg, train)
 
 
 @functools.lru_cache(maxsize=2)
@@ -96,6 +152,3 @@ def load_archive(
 
 def _seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-
-
-client_app = make_client_app(hospital_config, load_site, ledger_from_node_config)
