@@ -18,7 +18,6 @@ ClientApp, ``fedtwin.client.client_app``, hands each message here):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -42,6 +41,7 @@ from fedtwin.privacy import (
     plan_from_config,
     uses_features,
 )
+from fedtwin.seeds import derive_seed
 from fedtwin.server import messages
 from fedtwin.tensors import set_weights
 from fedtwin.training import local_round
@@ -53,8 +53,7 @@ OPTIMIZER_STATE = "optimizer-state"  # Adam moments, local only: the next round 
 
 
 def round_seed(seed: int, hospital: str, server_round: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{hospital}:{server_round}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return derive_seed(seed, hospital, server_round)
 
 
 def _optimizer_state(context: Context) -> bytes:
@@ -108,8 +107,8 @@ def audit(msg: Message, cfg: dict, hospital: Hospital) -> Message:
             messages.HOSPITAL: ConfigRecord({"name": hospital.name}),
         }
     )
-    if cfg["eval"]["hybrid"]:
-        labels = msg.content[messages.TWIN]["labels"].numpy()
+    if cfg["eval"]["hybrid"] and "labels" in msg.content[messages.TWIN]:  # an older server
+        labels = msg.content[messages.TWIN]["labels"].numpy()  # sends no labels
         for key, scores in own_classifiers(cfg, hospital, (twin, labels)).items():
             content[key] = MetricRecord(messages.flatten(scores))
     return Message(content=content, reply_to=msg)

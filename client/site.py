@@ -27,7 +27,6 @@ the run's ``privacy.*`` and its ledger ``<out>/ledgers/<hospital>.sqlite``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING
 from flwr.app import Context
 
 from fedtwin.config import check_config, config_from_run
+from fedtwin.seeds import derive_seed
 
 if TYPE_CHECKING:
     from fedtwin.data import Hospital
@@ -151,4 +151,4 @@ def load_archive(
 
 
 def _seed(name: str) -> int:
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return derive_seed(name)

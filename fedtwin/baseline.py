@@ -2,24 +2,23 @@
 
 Same hospitals, same privacy plan, same DP round (``fedtwin.training.local_round``) as the
 generator; the classifier is simply the private module. The FedAvg loop runs in-process
-without Flower: this is a baseline of the science, not of the deployment.
+without Flower (``fedtwin.inprocess``): a baseline of the science, not of the deployment.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from fedtwin.data import Hospital
+from fedtwin.inprocess import run_rounds
 from fedtwin.metrics import Classifier
 from fedtwin.models.base import DPTrainable, private_step
 from fedtwin.privacy import plan_from_config
+from fedtwin.seeds import derive_seed
 from fedtwin.tensors import get_weights, set_weights
-from fedtwin.training import local_round
 
 
 class DPClassifier(DPTrainable):
@@ -43,13 +42,6 @@ class DPClassifier(DPTrainable):
         loss.backward()
         private_step(private_opt, {})
         return {"loss": loss.item()}
-
-
-def fedavg(weights: list[Mapping[str, np.ndarray]], counts: list[int]) -> dict[str, np.ndarray]:
-    """Example-weighted average of state dicts with the same keys and shapes."""
-    total = float(sum(counts))
-    pairs = list(zip(weights, counts, strict=True))
-    return {k: sum(n / total * w[k] for w, n in pairs) for k in weights[0]}
 
 
 def train_federated_dp_classifier(
@@ -82,27 +74,18 @@ def train_federated_dp_classifier(
         )
         for h in hospitals
     ]
-    histories: list[list] = [[] for _ in hospitals]
-    epsilons = {h.name: 0.0 for h in hospitals}
-    for r in tqdm(range(rounds), desc="DP classifier rounds", disable=not progress):
-        results = []
-        for i, h in enumerate(hospitals):
-            local = DPClassifier(n_classes, lr)
-            set_weights(local, get_weights(global_model))
-            res = local_round(
-                local,
-                h.train.images,
-                h.train.labels,
-                plans[i],
-                steps=local_steps,
-                batch_size=batch_size,
-                history=histories[i],
-                seed=int(cfg["seed"]) * 1000 + r * 10 + i,
-            )
-            histories[i], epsilons[h.name] = res.history, res.epsilon
-            results.append(res)
-        set_weights(
-            global_model,
-            fedavg([r.weights for r in results], [r.num_examples for r in results]),
-        )
+    weights, results = run_rounds(
+        lambda i: DPClassifier(n_classes, lr),
+        get_weights(global_model),
+        hospitals,
+        plans,
+        rounds=rounds,
+        local_steps=local_steps,
+        batch_size=batch_size,
+        seed=derive_seed(int(cfg["seed"]), "baseline"),
+        desc="DP classifier rounds",
+        progress=progress,
+    )
+    set_weights(global_model, weights)
+    epsilons = {h.name: r.epsilon for h, r in zip(hospitals, results, strict=True)}
     return global_model.classifier.eval(), epsilons

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from fedtwin.config import load_config
 from fedtwin.data import label_shares, pooled_train
 from fedtwin.demo import load_real_data, simulate_hospitals
 from fedtwin.features import noisy_feature_sums, release_rows
+from fedtwin.inprocess import run_rounds
 from fedtwin.jsonio import write_json
 from fedtwin.manifold import prdc
 from fedtwin.metrics import classification_scores, features, predict_proba, train_classifier
@@ -37,7 +38,6 @@ from fedtwin.models import build_model
 from fedtwin.models.dcgan import total_variation
 from fedtwin.privacy import noisy_class_shares, plan_from_config, uses_features
 from fedtwin.tensors import get_weights, set_weights, to_tensor
-from fedtwin.training import local_round
 from fedtwin.twin import generate_from_rounds, label_mix
 
 
@@ -135,7 +135,6 @@ def main() -> None:
         for h, p in zip(hospitals, plans, strict=True)
     ]
     histories = [p.one_shot_releases() if p.enabled else [] for p in plans]
-    moments = [b""] * len(hospitals)
     twin_labels = label_mix(label_shares(hospitals), 4000, "federation", 0)
     torch.manual_seed(int(cfg["seed"]))
     image_size = cfg["data"]["image_size"]
@@ -176,30 +175,28 @@ def main() -> None:
               "sample_rate": [p.sample_rate for p in plans], "rounds": {}}  # fmt: skip
     result.update(result_extra)
     start = time.time()
-    for rnd in tqdm(range(1, rounds + 1), desc="rounds"):
-        updates = []
-        for i, h in enumerate(hospitals):
-            model = build_model(cfg["model"], n_classes, image_size)
-            set_weights(model, weights)
-            model.label_prior = torch.as_tensor(priors[i], dtype=torch.float32)
-            r = local_round(model, h.train.images, h.train.labels, plans[i], steps=steps,
-                            batch_size=batch, history=histories[i], seed=rnd * 1000 + i,
-                            optimizer_state=moments[i])  # fmt: skip
-            histories[i], moments[i] = r.history, r.optimizer_state
-            updates.append((r.weights, r.num_examples, r.epsilon))
-        total = sum(n for _, n, _ in updates)
-        weights = OrderedDict((k, sum(w[k] * n for w, n, _ in updates) / total) for k in weights)
+
+    def model_for(i: int):
+        model = build_model(cfg["model"], n_classes, image_size)
+        model.label_prior = torch.as_tensor(priors[i], dtype=torch.float32)
+        return model
+
+    def on_round(rnd: int, weights: dict, results: list) -> None:
         recent.append(weights)
         if rnd == rounds or (args.every and rnd % args.every == 0):
             scored = scores(cfg, list(recent), twin_labels, val, judge)
             save_grid(args.png, f"round{rnd}", scored.pop("images"), twin_labels)
             result["rounds"][rnd] = {
                 "train_s": time.time() - start,
-                "epsilon": [e for _, _, e in updates],
+                "epsilon": [r.epsilon for r in results],
                 **scored,
             }
             tqdm.write(f"round {rnd}: {result['rounds'][rnd]}")
             write_json(args.out, result)
+
+    run_rounds(model_for, weights, hospitals, plans, rounds=rounds, local_steps=steps,
+               batch_size=batch, seed=int(cfg["seed"]), keep_optimizer=True,
+               histories=histories, on_round=on_round, progress=True)  # fmt: skip
     torch.save(list(recent), args.out.with_suffix(".pt"))  # the twin's generators, to study
 
 

@@ -1,5 +1,5 @@
 """Consortium side: a Flower ServerApp that trains the generator federated, then has the
-twin audited at the hospitals and publishes it (``publish.publish_twin``).
+twin audited at the hospitals and signed if it passed (``audited_twin.make_audited_twin``).
 
 ``app`` is the one ServerApp that ``pyproject.toml`` names, for ``flwr run`` in simulation
 and deployment alike. Its settings come from the Flower run config
@@ -28,7 +28,7 @@ from fedtwin.jsonio import write_json
 from fedtwin.models import build_model
 from fedtwin.privacy import uses_features
 from fedtwin.server import messages
-from fedtwin.server.publish import publish_twin
+from fedtwin.server.audited_twin import make_audited_twin
 from fedtwin.server.secagg import train_secure
 from fedtwin.server.strategy import TwinFedAvg
 from fedtwin.server.traffic import MeteredGrid
@@ -56,7 +56,7 @@ def federation_id(cfg: dict, out: Path) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_and_publish(
+def train_and_audit(
     grid: Grid,
     context: Context,
     cfg: dict,
@@ -107,9 +107,9 @@ def train_and_publish(
     if not any(r["hospitals"] for r in history):
         refusals = [r for e in history for r in e["refused"]]
         why = f": {refusals[0]['reason']}" if refusals else ""
-        raise RuntimeError(f"no hospital trained in any round, nothing to publish{why}")
+        raise RuntimeError(f"no hospital trained in any round, no twin to make{why}")
     n = int(cfg["twin"].get("checkpoints", 1))
-    publish_twin(grid, cfg, out, recent_global_models(out, history, n), history)
+    make_audited_twin(grid, cfg, out, recent_global_models(out, history, n), history)
 
 
 def warm_start(cfg: dict, out: Path, weights: dict, history: list[dict]) -> tuple[dict, list[dict]]:
@@ -173,12 +173,12 @@ def train_plain(
 def make_server_app(
     cfg: dict, out: Path, strategy_class: type[TwinFedAvg] = TwinFedAvg
 ) -> ServerApp:
-    """A ServerApp running ``train_and_publish`` with a resolved config (simulation)."""
+    """A ServerApp running ``train_and_audit`` with a resolved config (simulation)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        train_and_publish(grid, context, cfg, out, strategy_class)
+        train_and_audit(grid, context, cfg, out, strategy_class)
 
     return app
 
@@ -193,4 +193,4 @@ def main(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg)
     log(INFO, "fedtwin run %s: output in %s", context.run_id, out)
-    train_and_publish(grid, context, cfg, out)
+    train_and_audit(grid, context, cfg, out)

@@ -19,7 +19,7 @@ log = logging.getLogger("fedtwin")
 
 
 def run_federation(cfg: dict, out: Path, verbose: bool = False) -> None:
-    """Train, publish and audit the twin of ``cfg`` (already written to ``out/config.json``)
+    """Train, make and audit the twin of ``cfg`` (already written to ``out/config.json``)
     into ``out``. Raises RuntimeError with the run's log if the run did not complete."""
     from fedtwin.localnet import simulation
     from fedtwin.server.app_folder import write_app

@@ -9,19 +9,6 @@ import pytest
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_28_trainval.npz"
 
-# Files whose tests each start a consortium of their own and take minutes: under
-# `--dist loadgroup` their tests spread over the workers one by one. Every other file runs
-# on one worker, so its module fixtures are built once.
-SPREAD = {"test_deploy_failures.py", "test_resume.py"}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if item.path.name not in SPREAD:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-
 
 @pytest.fixture(scope="session")
 def data_path() -> Path:

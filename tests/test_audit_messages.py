@@ -18,13 +18,24 @@ from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.metrics import train_classifier
 from fedtwin.server import messages
-from fedtwin.server.publish import AUDIT_PARAMETERS
+from fedtwin.server.audited_twin import AUDIT_PARAMETERS
 from fedtwin.tensors import get_weights
 from fedtwin.utility import SCORE_BINS
 
 
 @pytest.fixture(scope="module")
 def replies(data_path):
+    """Two unequal hospitals answer the audit query (without eval.hybrid's own classifiers:
+    ``hybrid_replies`` has those)."""
+    return ask_two_hospitals(data_path, load_config(["eval.hybrid=false"]))
+
+
+@pytest.fixture(scope="module")
+def hybrid_replies(data_path):
+    return ask_two_hospitals(data_path, load_config(["eval.epochs=1"]))
+
+
+def ask_two_hospitals(data_path, cfg):
     d = np.load(data_path)
     data = Split(d["train_images"][:900].copy(), d["train_labels"][:900, 0].astype(np.int64))
     hospitals = make_hospitals(data, 2, "iid", 0.5, 0.25, seed=0)
@@ -33,7 +44,6 @@ def replies(data_path):
     hospitals[1] = type(small)(
         small.name, small.train.subset(np.arange(120)), small.holdout.subset(np.arange(40))
     )
-    cfg = load_config()
     twin = np.random.default_rng(0).integers(0, 256, (80, 28, 28), dtype=np.uint8)
     twin_labels = np.arange(80) % 2
     clf = train_classifier(twin, twin_labels, 2, epochs=1, batch_size=32, lr=1e-3, seed=0)
@@ -42,7 +52,7 @@ def replies(data_path):
     for i in range(2):
         content = RecordDict(
             {
-                messages.TWIN: messages.to_record({"images": twin}),
+                messages.TWIN: messages.to_record({"images": twin, "labels": twin_labels}),
                 messages.CLASSIFIER: messages.to_record(get_weights(clf)),
                 messages.AUDIT: ConfigRecord({k: cfg["audit"][k] for k in AUDIT_PARAMETERS}),
             }
@@ -112,3 +122,24 @@ def test_histograms_count_each_image_once(replies):
         assert audit["dcr"]["pixel"]["twin"].sum() == audit["n_twin"] == 80
         utility = messages.unflatten(dict(reply.content[messages.UTILITY]))
         assert utility["n"] == len(h.holdout)
+
+
+def test_the_hospitals_own_classifiers_send_only_counts_and_fixed_size_histograms(
+    hybrid_replies,
+):
+    hospitals, cfg, out = hybrid_replies
+    assert cfg["eval"]["hybrid"]
+    for h, reply in zip(hospitals, out, strict=True):
+        assert not reply.has_error()
+        own = {messages.UTILITY_REAL, messages.UTILITY_HYBRID}
+        assert set(reply.content.keys()) == {
+            messages.AUDIT, messages.UTILITY, messages.HOSPITAL, *own
+        }  # fmt: skip
+        for record in own:
+            assert reply.content[record]["n"] == len(h.holdout)
+            for key, value in reply.content[record].items():
+                if isinstance(value, list):
+                    assert len(value) == len(SCORE_BINS) - 1, key
+                    assert all(isinstance(v, int) and v >= 0 for v in value), key
+                else:
+                    assert isinstance(value, int), key

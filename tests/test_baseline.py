@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedtwin.baseline import fedavg, train_federated_dp_classifier
+from fedtwin.baseline import train_federated_dp_classifier
 from fedtwin.data import Split, make_hospitals
+from fedtwin.inprocess import fedavg
 from fedtwin.metrics import predict_proba
 from fedtwin.privacy import plan_privacy
 

@@ -55,7 +55,7 @@ def test_a_supernode_whose_key_is_not_registered_is_refused(consortium):
     assert "Failed to activate SuperNode" in c.log("stranger")  # the SuperLink said no
 
 
-def test_three_hospitals_over_tls_train_and_publish_a_twin(consortium):
+def test_three_hospitals_over_tls_train_and_audit_a_twin(consortium):
     c = consortium
     out = c.root / "out"
     overrides = TINY + " federation.hospitals=3 federation.min_hospitals=1 federation.rounds=1"

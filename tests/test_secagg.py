@@ -16,7 +16,7 @@ from flwr.serverapp import ServerApp
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.server import messages
-from fedtwin.server.server_app import train_and_publish
+from fedtwin.server.server_app import train_and_audit
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_the_server_only_ever_holds_the_sum(small_real, tmp_path, federate, sent
     @server.main()
     def main(grid, context):
         grids.append(RecordingGrid(grid))
-        train_and_publish(grids[0], context, cfg, tmp_path)
+        train_and_audit(grids[0], context, cfg, tmp_path)
 
     (entry,) = federate(cfg, hospitals, tmp_path, server)
     assert entry["secure_aggregation"] == {"summed": 3, "dropped": 0}

@@ -90,7 +90,7 @@ def signing_key(cfg: dict, out: Path):
     return key
 
 
-def publish_twin(
+def make_audited_twin(
     grid: Grid, cfg: dict, out: Path, global_models: list[tuple[int, dict]], history: list[dict]
 ) -> dict[str, Any]:
     """Steps 1-5 of the module docstring; returns the gate (verdict, signed, override).
