@@ -73,7 +73,7 @@ def round_line(entry: dict, rounds: int) -> str:
     hospitals = entry["hospitals"]
     what = "feature release" if entry["round"] == 0 else f"round {entry['round']}/{rounds}"
     line = f"{what}: {len(hospitals)} hospital{'s' if len(hospitals) != 1 else ''}"
-    epsilons = [m["epsilon"] for m in hospitals.values() if "epsilon" in m]
+    epsilons = [float(m["epsilon"]) for m in hospitals.values() if "epsilon" in m]  # "inf": DP off
     if epsilons:
         line += f", epsilon <= {max(epsilons):.2f}"
     for key in ("loss_d", "loss_g", "loss"):
