@@ -26,6 +26,7 @@ the run's ``privacy.*`` and its ledger ``<out>/ledgers/<hospital>.sqlite``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import sys
@@ -48,9 +49,20 @@ def deployed(context: Context) -> bool:
     return "partition-id" not in context.node_config
 
 
+def run_settings(context: Context) -> dict:
+    """The run config's settings, composed once per process (Hydra takes about a second)."""
+    items = tuple(sorted((str(k), v) for k, v in context.run_config.items()))
+    return copy.deepcopy(_composed(items))
+
+
+@functools.lru_cache(maxsize=4)
+def _composed(items: tuple) -> dict:
+    return config_from_run(dict(items))
+
+
 def settings(context: Context) -> dict:
     """The run's settings; deployed, with the hospital's own privacy budget."""
-    cfg = config_from_run(context.run_config)
+    cfg = run_settings(context)
     if not deployed(context):
         return cfg
     node = context.node_config
@@ -74,7 +86,7 @@ def settings(context: Context) -> dict:
 
 def load_site(context: Context) -> Hospital:
     """The hospital's images and its fixed holdout."""
-    cfg = config_from_run(context.run_config)
+    cfg = run_settings(context)
     if not deployed(context):
         return simulated_hospital(context, cfg)
     node = context.node_config

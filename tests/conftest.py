@@ -9,6 +9,25 @@ import pytest
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_28_trainval.npz"
 
+# The longest test files, longest first. pytest-xdist (--dist loadfile) hands files to the
+# workers in collection order: these start at once, and the short files fill in around them
+# instead of one long file running alone at the end.
+LONGEST = (
+    "test_deploy_node_failure.py",
+    "test_deploy_operator_crash.py",
+    "test_resume.py",
+    "test_deploy.py",
+    "test_demo.py",
+    "test_flwr_app.py",
+    "test_secagg.py",
+    "test_update_checks.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST)))  # stable: in file order
+
 
 @pytest.fixture(scope="session")
 def data_path() -> Path:

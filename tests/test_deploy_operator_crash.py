@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 HOSPITALS = ("hospital-0", "hospital-1", "hospital-2")
 TINY = "+experiment=tiny twin.size=200 twin.dicom=false"
-TRAINING_ONLY = " model.features=null"  # dropout and crash tests: training rounds only
+TRAINING_ONLY = " model.features=null eval.hybrid=false"  # these tests: training rounds only
 
 
 def test_the_operator_crashes_and_training_resumes_from_the_last_completed_round(

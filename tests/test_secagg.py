@@ -40,7 +40,7 @@ def tiny(hospitals: int, *more: str) -> dict:
     return load_config(
         ["+experiment=tiny", f"federation.hospitals={hospitals}", "federation.rounds=1",
          "twin.size=40", "twin.dicom=false", "audit.override=secure-aggregation-test",
-         "model.features=null", *more]  # the training round alone
+         "model.features=null", "eval.hybrid=false", *more]  # the training round alone
     )  # fmt: skip
 
 

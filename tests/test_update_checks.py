@@ -61,7 +61,7 @@ def tiny(hospitals, *more):
     return load_config(
         ["+experiment=tiny", f"federation.hospitals={len(hospitals)}", "federation.rounds=1",
          "twin.size=40", "twin.dicom=false", "audit.override=update-check-test",
-         "model.features=null", *more]  # the training round alone
+         "model.features=null", "eval.hybrid=false", *more]  # the training round alone
     )  # fmt: skip
 
 
