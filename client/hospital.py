@@ -32,7 +32,7 @@ from fedtwin.config import resolve_device
 from fedtwin.data import Hospital
 from fedtwin.features import noisy_feature_sums, release_rows
 from fedtwin.ledger import Ledger, digest
-from fedtwin.metrics import Classifier, features, train_classifier
+from fedtwin.metrics import Classifier, classifier_from_config, features
 from fedtwin.models import build_model
 from fedtwin.privacy import (
     BudgetExceeded,
@@ -131,15 +131,7 @@ def own_classifiers(
     }
     scores = {}
     for key, (images, labels) in sets.items():
-        model = train_classifier(
-            images,
-            labels,
-            n_classes,
-            epochs=int(ev["epochs"]),
-            batch_size=int(ev["batch_size"]),
-            lr=float(ev["lr"]),
-            seed=int(ev["seeds"][0]),
-        )
+        model = classifier_from_config(images, labels, n_classes, ev, int(ev["seeds"][0]))
         scores[key] = site_utility(model, hospital.holdout.images, hospital.holdout.labels)
     return scores
 

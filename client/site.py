@@ -152,15 +152,11 @@ def load_archive(
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         name = name or str(info.get("name", path.name))
         fraction = float(info.get("holdout_fraction", holdout_fraction))
-        seed = int(info.get("holdout_seed", _seed(name)))
+        seed = int(info.get("holdout_seed", derive_seed(name)))
         return split_hospital(name, result.data, fraction, seed)
     if path.suffix == ".npz":
         name = name or path.stem
-        return split_hospital(name, load_npz(path, "train"), holdout_fraction, _seed(name))
+        return split_hospital(name, load_npz(path, "train"), holdout_fraction, derive_seed(name))
     raise FileNotFoundError(
         f"node config data={data!r}: expected a DICOM folder with labels.csv or a .npz file"
     )
-
-
-def _seed(name: str) -> int:
-    return derive_seed(name)

@@ -147,16 +147,20 @@ def run_demo(
 UTILITY_KINDS = ("twin", "hybrid", "real_only")  # whose classifier scored the holdouts
 
 
+def _by_classifier(utility: dict) -> dict:
+    """Whose classifier scored the holdouts -> its pooled figures (with ``per_hospital``)."""
+    return {"twin": utility, **{k: utility[k] for k in UTILITY_KINDS[1:] if k in utility}}
+
+
 def hybrid_figures(utility: dict) -> dict:
     """Pooled over the hospitals' holdouts: AUC and accuracy of the twin's classifier, and
     of the hospitals' own classifiers trained with the twin and without it."""
-    kinds = {"twin": utility, **{k: utility[k] for k in UTILITY_KINDS[1:] if k in utility}}
-    return {k: {m: u[m] for m in ("auc", "acc", "n")} for k, u in kinds.items()}
+    return {k: {m: u[m] for m in ("auc", "acc", "n")} for k, u in _by_classifier(utility).items()}
 
 
 def per_hospital_figures(utility: dict) -> dict:
     """Hospital -> its holdout size and, for each classifier, its AUC and accuracy there."""
-    kinds = {"twin": utility, **{k: utility[k] for k in UTILITY_KINDS[1:] if k in utility}}
+    kinds = _by_classifier(utility)
     return {
         name: {"holdout": row["n"]}
         | {k: {m: u["per_hospital"][name][m] for m in ("auc", "acc")} for k, u in kinds.items()}

@@ -6,7 +6,6 @@ are averaged by example count. The federation itself is the Flower app."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,15 +23,6 @@ def fedavg(weights: list[Mapping[str, np.ndarray]], counts: list[int]) -> dict[s
     total = float(sum(counts))
     pairs = list(zip(weights, counts, strict=True))
     return {k: sum(n / total * w[k] for w, n in pairs) for k in weights[0]}
-
-
-@dataclass
-class Sites:
-    """What each hospital keeps between rounds: its accountant history, and its optimizer's
-    state when rounds continue one optimizer (``keep_optimizer``)."""
-
-    histories: list[list] = field(default_factory=list)
-    optimizer_states: list[bytes] = field(default_factory=list)
 
 
 def run_rounds(
@@ -56,7 +46,8 @@ def run_rounds(
     called after each average. Returns the last weights and the last round's results
     (``result.epsilon``: what each hospital has spent). ``histories``: what each hospital
     had spent before the first round (its one-shot releases), as ``local_round`` takes it."""
-    sites = Sites([list(h) for h in histories or [[] for _ in hospitals]], [b""] * len(hospitals))
+    histories = [list(h) for h in histories or [[] for _ in hospitals]]
+    optimizer_states = [b""] * len(hospitals)  # kept between rounds with keep_optimizer
     results: list[RoundResult] = []
     for rnd in tqdm(range(1, rounds + 1), desc=desc, disable=not progress):
         results = []
@@ -70,13 +61,13 @@ def run_rounds(
                 plans[i],
                 steps=local_steps,
                 batch_size=batch_size,
-                history=sites.histories[i],
+                history=histories[i],
                 seed=derive_seed(seed, rnd, i),
-                optimizer_state=sites.optimizer_states[i] if keep_optimizer else b"",
+                optimizer_state=optimizer_states[i] if keep_optimizer else b"",
             )
-            sites.histories[i] = r.history
+            histories[i] = r.history
             if keep_optimizer:
-                sites.optimizer_states[i] = r.optimizer_state
+                optimizer_states[i] = r.optimizer_state
             results.append(r)
         weights = fedavg([r.weights for r in results], [r.num_examples for r in results])
         if on_round is not None:

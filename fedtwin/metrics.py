@@ -106,6 +106,21 @@ def train_classifier(
     return model.eval()
 
 
+def classifier_from_config(
+    images: np.ndarray, labels: np.ndarray, n_classes: int, eval_cfg: Mapping, seed: int
+) -> Classifier:
+    """``train_classifier`` with the recipe of ``eval.*`` (epochs, batch size, lr)."""
+    return train_classifier(
+        images,
+        labels,
+        n_classes,
+        epochs=int(eval_cfg["epochs"]),
+        batch_size=int(eval_cfg["batch_size"]),
+        lr=float(eval_cfg["lr"]),
+        seed=seed,
+    )
+
+
 @torch.no_grad()
 def _batched(fn, images: np.ndarray, batch: int) -> torch.Tensor:
     x = to_tensor(images)

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from fedtwin.audit import pool
 from fedtwin.config import resolve_device
 from fedtwin.gate import consortium_key, final_epsilons, label_counts, write_gated_twin
-from fedtwin.metrics import train_classifier
+from fedtwin.metrics import classifier_from_config
 from fedtwin.models import build_model
 from fedtwin.server import messages
 from fedtwin.signing import public_key_path
@@ -110,15 +110,7 @@ def make_audited_twin(
     rounds = [r for r, _ in global_models]
     log(INFO, "twin: %d candidate images from the global models of rounds %s; training the "
         "twin classifier", len(images), ", ".join(map(str, rounds)))  # fmt: skip
-    classifier = train_classifier(
-        images,
-        labels,
-        n_classes,
-        epochs=int(ev["epochs"]),
-        batch_size=int(ev["batch_size"]),
-        lr=float(ev["lr"]),
-        seed=seed,
-    )
+    classifier = classifier_from_config(images, labels, n_classes, ev, seed)
     log(INFO, "twin: privacy audit and utility at the hospitals")
     timeout = au.get("timeout_s")
     audits, utilities, failed = ask_hospitals(
