@@ -174,9 +174,14 @@ class Consortium:
         return self.wait_run(self.start_run(out, overrides), timeout)
 
     def wait_run(
-        self, run_id: str, timeout: float, watch: Callable[[], None] | None = None
+        self,
+        run_id: str,
+        timeout: float,
+        watch: Callable[[], None] | None = None,
+        logs: bool = True,
     ) -> dict:
-        """Wait for the run to finish; returns its ``flwr ls`` entry and its logs. Asking
+        """Wait for the run to finish; returns its ``flwr ls`` entry and, with ``logs``, its
+        log (``run["logs"]``, another ``flwr`` call: ``run_logs``). Asking
         the SuperLink costs a ``flwr`` call (about 2 s of CPU), so it is asked every
         ``FLWR_IDLE_POLL`` s (a failed run is noticed then) until the run's twin manifest,
         the last file a run writes, is there, and every ``FLWR_POLL`` s after. ``watch`` is
@@ -202,8 +207,12 @@ class Consortium:
         run = wait_for(f"run {run_id}", finished, timeout, every=1.0)
         if watch is not None:
             watch()
-        run["logs"] = self.flwr("log", run_id, "consortium", "--show").stdout
+        if logs:
+            run["logs"] = self.run_logs(run_id)
         return run
+
+    def run_logs(self, run_id: str) -> str:
+        return self.flwr("log", run_id, "consortium", "--show").stdout
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         env = {**self.env, "FLWR_HOME": str(self.root / "homes" / "operator")}

@@ -20,6 +20,10 @@ from typing import Any
 
 import numpy as np
 from opacus.accountants import create_accountant
+from opacus.accountants.rdp import RDPAccountant
+
+# The integer RDP orders among Opacus's defaults: each has a closed-form bound
+INTEGER_ORDERS = [a for a in RDPAccountant.DEFAULT_ALPHAS if float(a).is_integer()]
 
 History = list[tuple[float, float, int]]
 
@@ -247,30 +251,41 @@ def _calibrated_sigma(
     """Smallest sigma (to 1e-3) whose plan, after ``prior`` and the one-shot ``releases``,
     lands at or under ``target``."""
 
-    def epsilon_at(sigma: float) -> float:
+    def fits(sigma: float) -> bool:
         plan = [*prior, *releases, (sigma, q, steps)]
-        return epsilon_spent(plan, delta, accountant)
+        # RDP: epsilon is the least over the orders of each order's bound, so the integer
+        # orders alone (quick to compute) bound it from above; when that bound fits, so does
+        # epsilon, and the slow fractional orders are needed only when it does not. The
+        # answer is the same; about half the evaluations are saved.
+        if accountant == "rdp" and epsilon_spent(plan, delta, accountant, INTEGER_ORDERS) <= target:
+            return True
+        return epsilon_spent(plan, delta, accountant) <= target
 
     low, high = 0.0, 10.0
-    while epsilon_at(high) > target:
+    while not fits(high):
         high *= 2
         if high > 1e6:
             raise ValueError(f"no noise level reaches epsilon {target:g}; check the plan")
     while high - low > 1e-3:
         mid = (low + high) / 2
-        if epsilon_at(mid) > target:
-            low = mid
-        else:
+        if fits(mid):
             high = mid
+        else:
+            low = mid
     return high
 
 
-def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> float:
-    """Epsilon of all the steps in ``history`` at ``delta``; 0 for an empty history."""
+def epsilon_spent(
+    history: History, delta: float, accountant: str = "rdp", orders: list | None = None
+) -> float:
+    """Epsilon of all the steps in ``history`` at ``delta``; 0 for an empty history.
+    ``orders``: RDP only, the orders to take the least bound over (default: Opacus's)."""
     if not history:
         return 0.0
     acc = create_accountant(accountant)
     acc.history = [tuple(h) for h in history]
+    if orders is not None:
+        return float(acc.get_epsilon(delta=delta, alphas=orders))
     return float(acc.get_epsilon(delta=delta))
 
 

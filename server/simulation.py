@@ -38,11 +38,12 @@ def run_federation(cfg: dict, out: Path, verbose: bool = False) -> None:
         if verbose:
             c.stream_log(run_id)
         watch = Progress(Path(out), int(cfg["federation"]["rounds"]))
-        run = c.wait_run(run_id, math.inf, watch=watch)
+        run = c.wait_run(run_id, math.inf, watch=watch, logs=False)
+        if run["status"] != "finished:completed":
+            logs = c.run_logs(run_id)
+            raise RuntimeError(f"the federation ended {run['status']}:\n{logs[-4000:]}")
     finally:
         c.stop()
-    if run["status"] != "finished:completed":
-        raise RuntimeError(f"the federation ended {run['status']}:\n{run['logs'][-4000:]}")
 
 
 class Progress:

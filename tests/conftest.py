@@ -9,18 +9,23 @@ import pytest
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist_28_trainval.npz"
 
-# The longest test files, longest first. pytest-xdist (--dist loadfile) hands files to the
-# workers in collection order: these start at once, and the short files fill in around them
-# instead of one long file running alone at the end.
+# The longest test files, longest first, each deployment test (mostly waiting on Flower's
+# 3-second polls) beside one that computes. pytest-xdist (--dist loadfile
+# --no-loadscope-reorder) hands files to the workers in this order, two to each at first:
+# these start at once, and the short files fill in around them instead of one long file
+# running alone at the end. One worker per core: more thrash (torch, Flower and Ray all
+# compute), and a third measured slower on two cores.
 LONGEST = (
     "test_deploy_node_failure.py",
-    "test_deploy_operator_crash.py",
-    "test_resume.py",
-    "test_deploy.py",
     "test_demo.py",
+    "test_resume.py",
+    "test_deploy_operator_crash.py",
+    "test_deploy.py",
     "test_flwr_app.py",
-    "test_secagg.py",
     "test_update_checks.py",
+    "test_secagg.py",
+    "test_ddpm.py",
+    "test_privacy.py",
 )
 
 

@@ -135,6 +135,8 @@ def test_dp_off_is_labelled_infinite(tmp_path, data_path):
             "federation.rounds=1",
             "twin.size=40",
             "twin.dicom=false",
+            "model.features=null",  # the labels need training rounds only
+            "eval.hybrid=false",
         ]
     )
     summary = run_demo(cfg, tmp_path, progress=False)

@@ -21,17 +21,17 @@ TRAINING_ONLY = " model.features=null eval.hybrid=false"  # these tests: trainin
 
 def test_a_hospital_node_killed_mid_round_does_not_stop_the_run(tmp_path, data_path):
     """3 hospitals under SecAgg+; hospital-2's SuperNode is killed (SIGKILL, its ClientApp
-    with it) as round 2 begins. Round 2 goes on with the other two once the SuperLink
-    reports the node offline; hospital-2 restarts with the same key and ledger, rejoins in
-    round 3 (min_hospitals=3 makes round 3 wait for it), and its ledger holds exactly the
-    rounds it finished."""
+    with it) once round 1's first message has reached it. Round 1 goes on with the other
+    two once the SuperLink reports the node offline; hospital-2 restarts with the same key
+    and ledger, rejoins in round 2 (min_hospitals=3 makes round 2 wait for it), and its
+    ledger holds exactly the round it finished."""
     names = HOSPITALS
     c = build(tmp_path, data_path, names)
     out = tmp_path / "out"
     try:
         run_id = c.start_run(out, TINY + TRAINING_ONLY + " federation.hospitals=3 "
                              "federation.min_hospitals=3 "
-                             "federation.rounds=3 "
+                             "federation.rounds=2 "
                              "audit.override=node-failure-test")  # fmt: skip
 
         def rounds_done() -> int:
@@ -40,9 +40,9 @@ def test_a_hospital_node_killed_mid_round_does_not_stop_the_run(tmp_path, data_p
             except (OSError, json.JSONDecodeError):
                 return 0
 
-        wait_for("round 1", lambda: rounds_done() >= 1, 300)
-        c.kill(c.nodes["hospital-2"])  # the node and its ClientApp, as round 2 begins
-        wait_for("round 2 without hospital-2", lambda: rounds_done() >= 2, 300)
+        wait_for("round 1 at hospital-2", lambda: "Receiving: train" in c.log("hospital-2"), 300)
+        c.kill(c.nodes["hospital-2"])  # the node and its ClientApp, mid-round
+        wait_for("round 1 without hospital-2", lambda: rounds_done() >= 1, 300)
         c.start_supernode("hospital-2")  # it comes back, same key, same ledger
         run = c.wait_run(run_id, 600)
         assert run["status"] == "finished:completed", run["logs"][-4000:]
@@ -51,13 +51,13 @@ def test_a_hospital_node_killed_mid_round_does_not_stop_the_run(tmp_path, data_p
 
     history = json.loads((out / "history.json").read_text())["rounds"]
     trained = [sorted(e["hospitals"]) for e in history]
-    assert trained == [list(names), list(names[:2]), list(names)], trained
-    assert history[1]["secure_aggregation"] == {"summed": 2, "dropped": 1}
-    assert history[1]["refused"], history[1]  # the SuperLink's "node unavailable"
+    assert trained == [list(names[:2]), list(names)], trained
+    assert history[0]["secure_aggregation"] == {"summed": 2, "dropped": 1}
+    assert history[0]["refused"], history[0]  # the SuperLink's "node unavailable"
     ledger = Ledger(tmp_path / "hospital-2" / "ledger.sqlite", delta=1e-5)
     rounds = [e.round for e in ledger.entries() if e.kind == "train"]
-    assert rounds == [1, 3]  # what it finished; round 2 was never paid for
+    assert rounds == [2]  # what it finished; round 1 was never paid for
     for name in names[:2]:
         rows = Ledger(tmp_path / name / "ledger.sqlite", delta=1e-5).entries()
-        assert [e.round for e in rows if e.kind == "train"] == [1, 2, 3]
+        assert [e.round for e in rows if e.kind == "train"] == [1, 2]
     assert (out / "twin" / "manifest.json").is_file()

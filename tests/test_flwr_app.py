@@ -75,7 +75,7 @@ def test_flwr_run_dot_simulates_the_tiny_federation_to_a_signed_twin(tmp_path, d
     out = tmp_path / "out"
     overrides = (
         f"+experiment=tiny data.path={data_path} federation.rounds=1 model.features=null "
-        "twin.size=100 twin.dicom=false audit.override=tiny-run"
+        "twin.size=100 twin.dicom=false eval.hybrid=false audit.override=tiny-run"
     )
     run_config = f"out='{out}' overrides='{overrides}' privacy.epsilon=8.0"
     try:
