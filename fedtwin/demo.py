@@ -159,11 +159,18 @@ def hybrid_figures(utility: dict) -> dict:
 
 
 def per_hospital_figures(utility: dict) -> dict:
-    """Hospital -> its holdout size and, for each classifier, its AUC and accuracy there."""
+    """Hospital -> its holdout size and label mix (images per class) and, for each
+    classifier, its AUC, accuracy and per-class accuracy (recall) there."""
     kinds = _by_classifier(utility)
+
+    def figures(u: dict) -> dict:
+        per_class = {c: v["acc"] for c, v in u.get("per_class", {}).items()}
+        return {"auc": u["auc"], "acc": u["acc"], "per_class_acc": per_class}
+
     return {
         name: {"holdout": row["n"]}
-        | {k: {m: u["per_hospital"][name][m] for m in ("auc", "acc")} for k, u in kinds.items()}
+        | {"label_mix": {c: v["n"] for c, v in row.get("per_class", {}).items()}}
+        | {k: figures(u["per_hospital"][name]) for k, u in kinds.items()}
         for name, row in utility.get("per_hospital", {}).items()
     }
 

@@ -170,7 +170,9 @@ def _distance_png(dcr: Mapping[str, Any]) -> str:
     return _png(fig)
 
 
-def _audit_section(audit: Mapping[str, Any] | None, gate: Mapping, utility: Mapping) -> str:
+def _audit_section(
+    audit: Mapping[str, Any] | None, gate: Mapping, utility: Mapping, class_names: Sequence[str]
+) -> str:
     if not audit:
         return "<h2>Privacy audit</h2><p>No audit was run.</p>"
     e = html.escape
@@ -218,33 +220,47 @@ def _audit_section(audit: Mapping[str, Any] | None, gate: Mapping, utility: Mapp
         f"{'<ul>' + notes + '</ul>' if notes else ''}"
         "<h3>Federated utility</h3><p>The twin-trained classifier scored on every hospital's "
         f"holdout: AUC {_num(utility.get('auc'))}, accuracy {_num(utility.get('acc'))} "
-        f"over {utility.get('n')} images.</p>{_per_hospital_table(utility)}"
+        f"over {utility.get('n')} images.</p>{_per_hospital_table(utility, class_names)}"
     )
 
 
-def _per_hospital_table(utility: Mapping[str, Any]) -> str:
-    """Each hospital's holdout scored by the twin's classifier, and (eval.hybrid) by the
-    same classifier trained at the hospital on its own images, alone and with the twin."""
+def _per_hospital_table(utility: Mapping[str, Any], class_names: Sequence[str]) -> str:
+    """Each hospital's holdout (its size, images per class) scored by the twin's classifier,
+    and (eval.hybrid) by the same classifier trained at the hospital on its own images,
+    alone and with the twin: AUC / accuracy, and each class's accuracy (its recall)."""
     kinds = [("twin", utility)] + [(k, utility[k]) for k in ("hybrid", "real_only") if k in utility]
     heads = {"twin": "twin only", "hybrid": "own + twin", "real_only": "own images only"}
+
+    def cell(figures: Mapping[str, Any] | None) -> str:
+        figures = figures or {}
+        per_class = figures.get("per_class", {})
+        recalls = " / ".join(_num(per_class[c]["acc"]) for c in sorted(per_class, key=int))
+        return (
+            f"<td>{_num(figures.get('auc'))} / {_num(figures.get('acc'))}"
+            f"{f'<br><small>{recalls}</small>' if recalls else ''}</td>"
+        )
+
+    def mix(figures: Mapping[str, Any] | None) -> str:
+        per_class = (figures or {}).get("per_class", {})
+        counts = " / ".join(str(per_class[c]["n"]) for c in sorted(per_class, key=int))
+        return f"<td>{(figures or {}).get('n')}{f' ({counts})' if counts else ''}</td>"
+
     rows = []
     for name in sorted(utility.get("per_hospital", {})):
-        cells = "".join(
-            f"<td>{_num(_get(u, 'per_hospital', name, 'auc'))} / "
-            f"{_num(_get(u, 'per_hospital', name, 'acc'))}</td>"
-            for _, u in kinds
-        )
-        n = _get(utility, "per_hospital", name, "n")
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{n}</td>{cells}</tr>")
+        cells = "".join(cell(_get(u, "per_hospital", name)) for _, u in kinds)
+        own = _get(utility, "per_hospital", name)
+        rows.append(f"<tr><td>{html.escape(name)}</td>{mix(own)}{cells}</tr>")
     if not rows:
         return ""
-    pooled = "".join(f"<td>{_num(u.get('auc'))} / {_num(u.get('acc'))}</td>" for _, u in kinds)
+    pooled = "".join(cell(u) for _, u in kinds)
     head = "".join(f"<th>{heads[k]}: AUC / acc</th>" for k, _ in kinds)
+    order = " / ".join(html.escape(str(c)) for c in class_names)
     return (
         "<p>Per hospital, on its own holdout: does the twin help it? A hospital the twin "
-        "serves badly shows here, not in the pooled figure.</p>"
+        "serves badly shows here, not in the pooled figure. In brackets and small print, per "
+        f"class ({order}): the holdout's images, and the share of them classified right.</p>"
         f"<table><tr><th>hospital</th><th>holdout images</th>{head}</tr>{''.join(rows)}"
-        f"<tr><td><b>all</b></td><td>{utility.get('n')}</td>{pooled}</tr></table>"
+        f"<tr><td><b>all</b></td>{mix(utility)}{pooled}</tr></table>"
     )
 
 
@@ -317,7 +333,7 @@ def write_report(
             f"<p>{len(twin[0])} synthetic images; wall time {minutes} min {seconds} s.</p>",
             f"<ul>{notes_html}</ul>" if notes_html else "",
             _privacy_section(epsilons, delta, dp_enabled),
-            _audit_section(audit, gate or {}, federated_utility or {}),
+            _audit_section(audit, gate or {}, federated_utility or {}, class_names),
             _utility_section(evaluation),
             _grids_section(real_val, twin, class_names, evaluation.get("manifold")),
             _losses_section(losses),

@@ -45,18 +45,22 @@ def pool_utility(sites: Mapping[str, dict]) -> dict[str, Any]:
 
     def scores(rows: list[dict]) -> dict[str, Any]:
         classes = sorted(rows[0]["per_class"], key=int)
-        aucs, correct, n = {}, 0, 0
+        aucs, per_class, correct, n = {}, {}, 0, 0
         for c in classes:
             pos = np.sum([r["per_class"][c]["positive"] for r in rows], axis=0)
             neg = np.sum([r["per_class"][c]["negative"] for r in rows], axis=0)
             aucs[c] = auc_from_hists(pos, neg)
-            correct += sum(int(r["per_class"][c]["correct"]) for r in rows)
-            n += sum(int(r["per_class"][c]["n"]) for r in rows)
+            right = sum(int(r["per_class"][c]["correct"]) for r in rows)
+            n_c = sum(int(r["per_class"][c]["n"]) for r in rows)
+            # the class's images, and the share of them classified as it (its recall)
+            per_class[c] = {"n": n_c, "acc": right / n_c if n_c else float("nan")}
+            correct, n = correct + right, n + n_c
         if len(classes) == 2:
             auc = aucs["1"]
         else:
             auc = float(np.nanmean(list(aucs.values())))
-        return {"auc": auc, "acc": correct / n if n else float("nan"), "n": n}
+        acc = correct / n if n else float("nan")
+        return {"auc": auc, "acc": acc, "n": n, "per_class": per_class}
 
     names = list(sites)
     if not names:

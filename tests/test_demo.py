@@ -167,7 +167,7 @@ def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
     federated utility's own approximation, not the transport's)."""
     import torch
 
-    from fedtwin.metrics import train_classifier
+    from fedtwin.metrics import predict_log_odds, train_classifier
     from fedtwin.utility import pool_utility, site_utility
 
     out, _ = demo_run
@@ -182,6 +182,8 @@ def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
         for h in simulate_hospitals(cfg, train):
             mine = summary["per_hospital"][h.name]
             assert mine["holdout"] == len(h.holdout)
+            counts = np.bincount(h.holdout.labels, minlength=2)
+            assert mine["label_mix"] == {str(c): int(n) for c, n in enumerate(counts)}
             sets = {
                 "real_only": (h.train.images, h.train.labels),
                 "hybrid": (
@@ -197,6 +199,10 @@ def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
                 expected = pool_utility({h.name: scored})
                 assert mine[kind]["acc"] == pytest.approx(expected["acc"], abs=1e-9), (h.name, kind)
                 assert mine[kind]["auc"] == pytest.approx(expected["auc"], abs=1e-9), (h.name, kind)
+                predicted = predict_log_odds(model, h.holdout.images).argmax(1)
+                for c, n in enumerate(counts):  # each class's share classified right
+                    right = int(np.sum(predicted[h.holdout.labels == c] == c))
+                    assert mine[kind]["per_class_acc"][str(c)] == pytest.approx(right / n)
     finally:
         torch.set_num_threads(threads)
     pooled = summary["hybrid"]

@@ -112,3 +112,26 @@ def test_report_shows_coverage_beside_the_real_ceiling_and_per_class(tmp_path):
     # each class's grid is headed by its coverage: a collapsed class shows its low figure
     assert "normal — twin coverage 0.123" in page
     assert "pneumonia — twin coverage 0.654" in page
+
+
+def test_per_hospital_table_shows_label_mix_and_each_classs_accuracy(tmp_path):
+    """A skewed hospital's failure on its rare class shows per class, not in the pooled AUC."""
+    from fedtwin.utility import pool_utility
+
+    def site(n_per_class, correct_per_class):
+        pairs = enumerate(zip(n_per_class, correct_per_class, strict=True))
+        empty = np.zeros(4000)
+        return {"per_class": {str(c): {"positive": empty, "negative": empty, "n": n, "correct": k}
+                              for c, (n, k) in pairs}}  # fmt: skip
+
+    utility = pool_utility({"hospital-0": site([50, 150], [40, 140]),
+                            "hospital-1": site([228, 4], [228, 0])})  # fmt: skip
+    assert utility["per_hospital"]["hospital-1"]["per_class"]["1"] == {"n": 4, "acc": 0.0}
+    assert utility["per_class"]["0"] == {"n": 278, "acc": 268 / 278}
+    page = report(tmp_path, audit={"verdict": "pass", "checks": []}, gate={},
+                  federated_utility=utility)  # fmt: skip
+    table = page.split("Per hospital, on its own holdout")[1]
+    assert "(normal / pneumonia)" in table
+    assert "<td>hospital-1</td><td>232 (228 / 4)</td>" in table
+    assert "<small>1.000 / 0.000</small>" in table  # hospital-1: every normal, no pneumonia
+    assert "<td>432 (278 / 154)</td>" in table  # all hospitals
