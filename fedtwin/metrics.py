@@ -107,9 +107,10 @@ def train_classifier(
 
 
 def classifier_from_config(
-    images: np.ndarray, labels: np.ndarray, n_classes: int, eval_cfg: Mapping, seed: int
+    images: np.ndarray, labels: np.ndarray, n_classes: int, eval_cfg: Mapping, seed: int, **show
 ) -> Classifier:
-    """``train_classifier`` with the recipe of ``eval.*`` (epochs, batch size, lr)."""
+    """``train_classifier`` with the recipe of ``eval.*`` (epochs, batch size, lr);
+    ``show``: its ``progress`` and ``desc``."""
     return train_classifier(
         images,
         labels,
@@ -118,6 +119,7 @@ def classifier_from_config(
         batch_size=int(eval_cfg["batch_size"]),
         lr=float(eval_cfg["lr"]),
         seed=seed,
+        **show,
     )
 
 
@@ -184,17 +186,10 @@ def tstr_trtr(
     for name, (images, labels) in (("tstr", twin), ("trtr", real_train)):
         runs = []
         for seed in eval_cfg["seeds"]:
-            model = train_classifier(
-                images,
-                labels,
-                n_classes,
-                epochs=int(eval_cfg["epochs"]),
-                batch_size=int(eval_cfg["batch_size"]),
-                lr=float(eval_cfg["lr"]),
-                seed=int(seed),
-                progress=progress,
-                desc=f"{name.upper()} seed {seed}",
-            )
+            model = classifier_from_config(
+                images, labels, n_classes, eval_cfg, int(seed),
+                progress=progress, desc=f"{name.upper()} seed {seed}",
+            )  # fmt: skip
             runs.append(
                 {"seed": int(seed), **classification_scores(predict_proba(model, val[0]), val[1])}
             )

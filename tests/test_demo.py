@@ -167,7 +167,7 @@ def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
     federated utility's own approximation, not the transport's)."""
     import torch
 
-    from fedtwin.metrics import predict_log_odds, train_classifier
+    from fedtwin.metrics import classifier_from_config, predict_log_odds
     from fedtwin.utility import pool_utility, site_utility
 
     out, _ = demo_run
@@ -192,9 +192,7 @@ def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
                 ),
             }
             for kind, (images, labels) in sets.items():
-                model = train_classifier(images, labels, 2, epochs=int(ev["epochs"]),
-                                         batch_size=int(ev["batch_size"]), lr=float(ev["lr"]),
-                                         seed=int(ev["seeds"][0]))  # fmt: skip
+                model = classifier_from_config(images, labels, 2, ev, int(ev["seeds"][0]))
                 scored = site_utility(model, h.holdout.images, h.holdout.labels)
                 expected = pool_utility({h.name: scored})
                 assert mine[kind]["acc"] == pytest.approx(expected["acc"], abs=1e-9), (h.name, kind)
