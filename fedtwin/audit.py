@@ -25,6 +25,10 @@ What is computed (references in docs/audit.md):
 - **distance to closest record** (DCR): median nearest-training distance of twin images
   over that of holdout images (pixel and feature space); < 1 means the twin sits closer
   to the training images than unseen real images do.
+- **structural similarity** (SSIM) of each twin image to its nearest training image (pixel
+  space), beside the same for holdout images: how alike in structure, not only in pixel
+  distance, a twin image is to the real image it is closest to. Reported (quantiles and
+  the share of twin images above the holdout's 99th percentile), not a gate check.
 - **closer to train**: share of twin images nearer to a size-matched training subsample
   than to the holdout (0.5 for a generator that does not favour its training data).
 - **membership inference**: every training and holdout image is scored by its distance
@@ -58,6 +62,7 @@ from fedtwin.histograms import (
     wilson_interval,
 )
 from fedtwin.neighbours import closest, nearest
+from fedtwin.ssim import ssim
 
 Embed = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W) -> features (N, D)
 
@@ -115,17 +120,18 @@ def coarse(images: np.ndarray, size: int) -> np.ndarray:
 
 def copy_ratios(
     train: np.ndarray, candidates: tuple[np.ndarray, ...], coarse_size: int
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
     """Per image of each candidate set (uint8): its distance to its nearest training image
     ``x`` over ``x``'s distance to its nearest other training image (floored at the 5th
     percentile of those spacings), the smaller of pixel space and the coarse space. Below
     1: closer to ``x`` than any other training image is; near 0: a copy. ``train`` must be
-    free of exact duplicates and hold at least 2 images. Also returns each set's nearest
-    training distances in pixel space (the distance to closest record)."""
+    free of exact duplicates and hold at least 2 images. Also returns, per set, each image's
+    distance to its nearest training image in pixel space (the distance to closest record)
+    and that image's index."""
     if len(train) < 2:
         raise AuditError("copy ratios need at least 2 distinct training images")
     ratios: list[list[np.ndarray]] = [[] for _ in candidates]
-    pixel_nearest: list[np.ndarray] = []
+    pixel_nearest: list[tuple[np.ndarray, np.ndarray]] = []
     for space in (pixels, lambda x: coarse(x, coarse_size)):
         t = space(train)
         spacing = nearest(t, t, 2)[:, 1]  # the first neighbour is the image itself
@@ -134,7 +140,7 @@ def copy_ratios(
             d, j = closest(space(images), t)
             out.append(d / spacing[j])
             if space is pixels:
-                pixel_nearest.append(d)
+                pixel_nearest.append((d, j))
     return [np.minimum(*r) for r in ratios], pixel_nearest
 
 
@@ -186,12 +192,19 @@ def site_audit(
             f"audit.copy_margin must be in (0, 0.5] and audit.copy_coarse in [1, "
             f"{twin.shape[1]}]; got {limit} and {size}"
         )
-    (r_twin, r_hold), (d_twin, d_hold) = copy_ratios(train_u, (twin, holdout_u), size)
+    (r_twin, r_hold), pixel_nearest = copy_ratios(train_u, (twin, holdout_u), size)
+    (d_twin, j_twin), (d_hold, j_hold) = pixel_nearest
     out["copies"] = {
         "near_copies": int(np.sum(r_twin < limit)),
         "holdout_flagged": int(np.sum(r_hold < limit)),
     }
     out["record"] = {"twin": hist(r_twin, bins.record), "holdout": hist(r_hold, bins.record)}
+
+    # Structural similarity to that nearest training image (pixel space), holdout alike.
+    out["ssim"] = {
+        "twin": hist(ssim(twin, train_u[j_twin]), bins.ssim),
+        "holdout": hist(ssim(holdout_u, train_u[j_hold]), bins.ssim),
+    }
 
     # Closer to a size-matched training subsample than to the holdout.
     m = min(len(train_u), len(holdout_u))
@@ -277,6 +290,7 @@ def pool(sites: Mapping[str, dict], cfg: Mapping[str, Any], image_size: int) -> 
         }
 
     record = _record_shares(rows, bins.record, float(th["record_ratio"]))
+    similarity = _ssim_quantiles(rows, bins.ssim) if rows and "ssim" in rows[0] else {}
 
     k = int(_sum(rows, "closer_to_train", "count")) if rows else 0
     n = int(_sum(rows, "closer_to_train", "n")) if rows else 0
@@ -359,6 +373,7 @@ def pool(sites: Mapping[str, dict], cfg: Mapping[str, Any], image_size: int) -> 
         "close_to_one_record": record,
         "dcr": dcr,
         "closer_to_train": closer,
+        "ssim": similarity,
         "mia": mia,
         "thresholds": dict(th),
     }
@@ -379,6 +394,22 @@ def _record_shares(rows: list[dict], edges: np.ndarray, cut: float) -> dict[str,
     return out
 
 
+def _ssim_quantiles(rows: list[dict], edges: np.ndarray) -> dict[str, Any]:
+    """Pooled SSIM to the nearest training image: quantiles of twin and holdout images and
+    the share of twin images more similar than the holdout's 99th percentile (to its bin)."""
+    t, h = _sum(rows, "ssim", "twin"), _sum(rows, "ssim", "holdout")
+    qs = (0.5, 0.95, 0.99)
+    top = hist_quantile(h, edges, 0.99)
+    return {
+        "twin_quantiles": {str(q): hist_quantile(t, edges, q) for q in qs},
+        "holdout_quantiles": {str(q): hist_quantile(h, edges, q) for q in qs},
+        "twin_above_holdout_q99": float(t[edges[1:] > top].sum() / max(t.sum(), 1)),
+        "twin_hist": t,
+        "holdout_hist": h,
+        "edges": edges,
+    }
+
+
 def _check(name: str, value: float, op: str, limit: float) -> dict[str, Any]:
     ok = (value <= limit) if op == "<=" else (value >= limit)
     return {"check": name, "value": value, "rule": f"{op} {limit:g}", "passed": bool(ok)}
@@ -391,6 +422,11 @@ def summary(audit: Mapping[str, Any]) -> dict[str, Any]:
         "checks": [dict(c) for c in audit["checks"]],
         "mia_auc": {a: r["auc"] for a, r in audit["mia"].items()},
         "near_copies": audit["near_copies"]["near_copies"],
+        "ssim_median": {
+            who: audit["ssim"][f"{who}_quantiles"]["0.5"] for who in ("twin", "holdout")
+        }
+        if audit.get("ssim")
+        else {},
         "sample_sizes": audit["sample_sizes"],
         "notes": audit["notes"],
     }

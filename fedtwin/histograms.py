@@ -17,6 +17,7 @@ class Bins:
     feature: np.ndarray  # ... between unit-length features (at most 2)
     score: np.ndarray  # density log-ratio, clipped into the end bins
     record: np.ndarray  # copy ratio (distance to a training image over its spacing), 0..2
+    ssim: np.ndarray  # structural similarity, -1..1
 
     @classmethod
     def for_images(cls, image_size: int, n: int = 512) -> Bins:
@@ -27,6 +28,7 @@ class Bins:
             feature=np.concatenate([[0.0], np.geomspace(1e-4, 2.0, n)]),
             score=np.linspace(-4.0, 4.0, n + 1),
             record=np.linspace(0.0, 2.0, n + 1),
+            ssim=np.linspace(-1.0, 1.0, n + 1),
         )
 
 

@@ -216,11 +216,25 @@ def _audit_section(
         "<p>Near copies (twin images much closer to one training image than any other "
         f"real image at its hospital is): {copies.get('near_copies')}; holdout images "
         f"flagged by the same rule (false-positive baseline): "
-        f"{copies.get('holdout_flagged')}.</p>{plot}"
+        f"{copies.get('holdout_flagged')}.</p>{_ssim_line(audit.get('ssim'))}{plot}"
         f"{'<ul>' + notes + '</ul>' if notes else ''}"
         "<h3>Federated utility</h3><p>The twin-trained classifier scored on every hospital's "
         f"holdout: AUC {_num(utility.get('auc'))}, accuracy {_num(utility.get('acc'))} "
         f"over {utility.get('n')} images.</p>{_per_hospital_table(utility, class_names)}"
+    )
+
+
+def _ssim_line(similarity: Mapping[str, Any] | None) -> str:
+    if not similarity:
+        return ""
+    t, h = similarity["twin_quantiles"], similarity["holdout_quantiles"]
+    return (
+        "<p>Structural similarity (SSIM, 1 = identical) of each twin image to its nearest "
+        f"training image: median {_num(t['0.5'])}, 99th percentile {_num(t['0.99'])}; of "
+        f"each holdout image to its nearest training image: {_num(h['0.5'])} and "
+        f"{_num(h['0.99'])}. Twin images more similar than the holdout's 99th percentile: "
+        f"{_num(100 * similarity['twin_above_holdout_q99'], '.1f')} % (1 % for a twin as "
+        "far from the training images as unseen real images are).</p>"
     )
 
 

@@ -13,6 +13,7 @@ from fedtwin import audit
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.models.base import TwinGenerator
+from fedtwin.ssim import ssim
 from fedtwin.tensors import to_tensor
 from fedtwin.twin import generate
 
@@ -82,6 +83,10 @@ def test_copying_generator_fails(hospitals, cfg):
     assert result["mia"]["gan_leaks_pixel"]["auc"] > 0.75
     assert result["mia"]["gan_leaks_pixel"]["ci95"][0] > 0.6
     assert not next(c for c in result["checks"] if c["check"] == "near copies")["passed"]
+    # each twin image is a training image at one of the three hospitals: identical (SSIM 1)
+    # there, another patient at the other two
+    assert len(hospitals) == 3 and result["ssim"]["twin_quantiles"]["0.95"] > 0.99
+    assert result["ssim"]["twin_above_holdout_q99"] >= 1 / 3 - 1e-9
 
 
 def test_twin_of_no_real_image_passes(hospitals, cfg):
@@ -89,6 +94,9 @@ def test_twin_of_no_real_image_passes(hospitals, cfg):
     assert result["verdict"] == "pass", result["checks"]
     assert result["near_copies"]["near_copies"] == 0
     assert all(abs(r["auc"] - 0.5) < 0.1 for r in result["mia"].values())
+    similarity = result["ssim"]
+    assert similarity["twin_quantiles"]["0.99"] < similarity["holdout_quantiles"]["0.5"]
+    assert similarity["twin_above_holdout_q99"] < 0.01
 
 
 def test_pooled_equals_centralized(hospitals, cfg):
@@ -123,7 +131,7 @@ def test_pooled_equals_centralized(hospitals, cfg):
         return np.minimum(copy_ratio(cand, train, px), copy_ratio(cand, train, blocks))
 
     near, flagged, r_twin, r_hold = 0, 0, [], []
-    d_twin, d_hold, member, nonmember = [], [], [], []
+    d_twin, d_hold, member, nonmember, s_twin, s_hold = [], [], [], [], [], []
     for h in hospitals:
         train, hold, _ = audit.deduplicate(h.train.images, h.holdout.images)
         r_twin.append(both(twin, train))
@@ -132,6 +140,8 @@ def test_pooled_equals_centralized(hospitals, cfg):
         flagged += int(np.sum(r_hold[-1] < cfg["copy_margin"]))
         d_twin.append(cdist(px(twin), px(train)).min(1))
         d_hold.append(cdist(px(hold), px(train)).min(1))
+        s_twin.append(ssim(twin, train[cdist(px(twin), px(train)).argmin(1)]))
+        s_hold.append(ssim(hold, train[cdist(px(hold), px(train)).argmin(1)]))
         member.append(cdist(px(train), px(twin)).min(1))
         nonmember.append(cdist(px(hold), px(twin)).min(1))
     member, nonmember = np.concatenate(member), np.concatenate(nonmember)
@@ -151,6 +161,17 @@ def test_pooled_equals_centralized(hospitals, cfg):
     assert pooled["mia"]["gan_leaks_pixel"]["auc"] == pytest.approx(auc, abs=0.005)
     ratio = np.median(np.concatenate(d_twin)) / np.median(np.concatenate(d_hold))
     assert pooled["dcr"]["pixel"]["ratio"] == pytest.approx(ratio, rel=0.03)
+    s_twin, s_hold = np.concatenate(s_twin), np.concatenate(s_hold)
+    width = 2 / cfg["bins"]  # the SSIM bins
+    for q in (0.5, 0.95, 0.99):
+        assert pooled["ssim"]["twin_quantiles"][str(q)] == pytest.approx(
+            np.quantile(s_twin, q), abs=width
+        )
+        assert pooled["ssim"]["holdout_quantiles"][str(q)] == pytest.approx(
+            np.quantile(s_hold, q), abs=width
+        )
+    above = np.mean(s_twin > np.quantile(s_hold, 0.99))
+    assert pooled["ssim"]["twin_above_holdout_q99"] == pytest.approx(above, abs=0.02)
 
 
 @pytest.mark.parametrize("which", [min, max])
