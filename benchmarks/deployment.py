@@ -26,7 +26,7 @@ def part_h(cfg: dict, out_dir: Path, overrides: list[str]) -> dict:
     names = ("hospital-0", "hospital-1", "hospital-2")
     fed = cfg["federation"]
     rounds, steps = (2 if quick else 3), int(fed["local_steps"])
-    source = resolve_data_path(cfg["data"].get("path"), cfg["data"]["name"])
+    source = resolve_data_path(cfg["data"])
     per_hospital = 300 if quick else 1000
     setting = [*overrides, f"federation.hospitals={len(names)}", "federation.min_hospitals=2",
                f"federation.rounds={rounds}", f"federation.local_steps={steps}", "twin.size=200",

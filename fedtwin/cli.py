@@ -16,7 +16,7 @@ EPILOG = """examples:
   fedtwin demo --out runs/x federation.rounds=5 privacy.epsilon=4 data.path=my.npz
   fedtwin hospitals make --source data.npz --hospitals 4 --alpha 0.5 --out archives
   fedtwin ingest archives/hospital-0                   # check what a hospital archive yields
-  fedtwin data download                                # fetch PneumoniaMNIST into the cache
+  fedtwin data download retinamnist --size 64         # fetch a MedMNIST dataset into the cache
   fedtwin verify runs/demo/twin --public-key runs/demo/keys/consortium-signing.pem.pub
   fedtwin pki signing-key --out keys/consortium-signing.pem
   fedtwin ledger show runs/demo/ledgers/hospital-0.sqlite --budget 10
@@ -67,7 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="action", required=True)
     download = dsub.add_parser("download", help="download a MedMNIST dataset into the cache")
-    download.add_argument("--name", default="pneumoniamnist")
+    download.add_argument(
+        "name", nargs="?", default="pneumoniamnist", help="dataset: a conf/data/<name>.yaml"
+    )
+    download.add_argument(
+        "--size",
+        type=_positive(int),
+        help="image size: 28, 64, 128 or 224 (default: data.image_size, 28)",
+    )
     download.add_argument("--cache", default=None, help="cache directory")
 
     verify = sub.add_parser("verify", help="check a twin's signature and every file's sha256")
@@ -282,9 +289,10 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from fedtwin.medmnist import cache_dir, download
+    from fedtwin.medmnist import cache_dir, dataset_config, download
 
-    print(download(args.name, cache_dir(args.cache)))
+    data = dataset_config(args.name)
+    print(download(data, cache_dir(args.cache or data["cache_dir"]), size=args.size))
     return 0
 
 

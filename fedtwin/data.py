@@ -181,6 +181,13 @@ def _check_labels(path: Path, split: str, labels: np.ndarray, images: np.ndarray
         raise DataError(f"{path}: {key} has dtype {labels.dtype}; expected integer class ids")
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise DataError(
+            f"{path}: {key} has shape {labels.shape}: {labels.shape[1]} labels per image "
+            "(multi-label data, such as ChestMNIST's 14 findings); fedtwin trains single-label "
+            "class-conditional generators and needs one class id per image, (N,) or (N, 1); "
+            "choose a single-label dataset, e.g. data=pneumoniamnist"
+        )
     if labels.shape != (len(images),):
         raise DataError(
             f"{path}: {key} has shape {labels.shape}; expected ({len(images)},) or "

@@ -34,7 +34,7 @@ log = logging.getLogger("fedtwin")
 def load_real_data(cfg: dict) -> tuple[Split, Split, Path]:
     """The real train and val splits named by ``data.*``, at ``data.image_size``."""
     d = cfg["data"]
-    path = resolve_data_path(d.get("path"), d["name"], d.get("cache_dir"))
+    path = resolve_data_path(d)
     train, val = load_npz(path, "train"), load_npz(path, "val")
     size = int(d["image_size"])
     if train.images.shape[1:] != (size, size):

@@ -1,30 +1,87 @@
 """The official MedMNIST files: where they are published, and a checksum-verified download
-into a local cache that never fetches twice and says clearly what to do when offline."""
+into a local cache that never fetches twice and says clearly what to do when offline.
+
+Each dataset's files (one per image size MedMNIST+ publishes: 28, 64, 128, 224 px) are
+listed with their MD5 in its config, ``conf/data/<name>.yaml`` (``data.sources``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import http.client
 import os
+import re
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from fedtwin.data import DataError
 
-# Official MedMNIST files: name -> (url, md5). The URL and MD5 are the ones in the `medmnist`
-# package's INFO dict (medmnist/info.py, v3.0.2, Zenodo record 10519652; the MD5 of the
-# 28 px file is unchanged from the v2 record 6496656).
-MEDMNIST: dict[str, tuple[str, str]] = {
-    "pneumoniamnist": (
-        "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1",
-        "28209eda62fecd6e6a2d98b1501bb15f",
-    ),
-}
-
 _DOWNLOAD_TIMEOUT_S = 60
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+def datasets() -> list[str]:
+    """The datasets shipped with a config: the names of ``conf/data/*.yaml``."""
+    folder = resources.files("fedtwin.conf") / "data"
+    return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def dataset_config(name: str) -> dict[str, Any]:
+    """The ``data`` section of the run config with ``data=<name>``: its sources, classes, ..."""
+    from fedtwin.config import load_config  # Hydra is loaded only when a name is looked up
+
+    known = datasets()
+    if name not in known:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(known)}")
+    return load_config([f"data={name}"])["data"]
+
+
+def file_name(name: str, size: int) -> str:
+    """The official file of dataset ``name`` at ``size`` px: ``<name>.npz`` at 28 px (as
+    MedMNIST v2 named it), else ``<name>_<size>.npz``."""
+    return f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
+
+
+def published_sizes(data: Mapping[str, Any]) -> list[int]:
+    """The image sizes the ``data`` section lists official files for, smallest first."""
+    return sorted(_sources(data))
+
+
+def _sources(data: Mapping[str, Any]) -> dict[int, Mapping[str, str]]:
+    # A config read back from JSON has its keys as strings ("28").
+    return {int(size): entry for size, entry in (data.get("sources") or {}).items()}
+
+
+def source(data: Mapping[str, Any], size: int) -> tuple[str, str]:
+    """``(url, md5)`` of the official file of ``data.name`` at ``size`` px (``data.sources``)."""
+    name, sources = data["name"], _sources(data)
+    sizes = sorted(sources)
+    if not sizes:
+        raise DataError(
+            f"data.sources is empty for {name!r}, so there is nothing to download; choose a "
+            f"dataset with data=<name> (one of {', '.join(datasets())}) or pass "
+            f"data.path=/path/to/{name}.npz"
+        )
+    if size not in sizes:
+        raise DataError(
+            f"MedMNIST publishes {name} at {', '.join(map(str, sizes))} px, not {size}; "
+            "choose one of these sizes (fedtwin data download --size), or pass "
+            "data.path=/path/to/a.npz"
+        )
+    entry = sources[size]
+    url, md5 = str(entry.get("url") or ""), str(entry.get("md5") or "").lower()
+    if not url or not _MD5.fullmatch(md5):
+        raise DataError(
+            f"data.sources.{size} of {name} needs a url and an md5 of 32 hex digits, got "
+            f"url={url!r}, md5={md5!r}; copy them from conf/data/{name}.yaml"
+        )
+    return url, md5
 
 
 def cache_dir(configured: str | None = None) -> Path:
@@ -46,43 +103,46 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(name: str, cache: Path, *, progress: bool = True) -> Path:
-    """Fetch the official MedMNIST file ``name`` into ``cache``; return its path.
+def download(
+    data: Mapping[str, Any], cache: Path, *, size: int | None = None, progress: bool = True
+) -> Path:
+    """Fetch the official file of ``data.name`` at ``size`` px (default ``data.image_size``)
+    into ``cache``; return its path. ``data`` is the run config's ``data`` section.
 
     A cached file whose MD5 matches is returned without touching the network. A download
     goes to a temporary file in ``cache``, is checked, and only then renamed into place, so
     an interrupted or corrupted download never looks like a good cached file.
     """
-    if name not in MEDMNIST:
-        raise DataError(f"unknown dataset {name!r} (data.name); known: {sorted(MEDMNIST)}")
-    url, md5 = MEDMNIST[name]
+    name = data["name"]
+    size = int(data["image_size"]) if size is None else size
+    url, md5 = source(data, size)
     cache = Path(cache)
-    target = cache / f"{name}.npz"
+    target = cache / file_name(name, size)
     if target.is_file() and md5sum(target) == md5:
         return target
-    offline_hint = f"Put the MedMNIST file at {target} or pass data.path=/path/to/{name}.npz"
-    tmp = cache / f".{name}.{os.getpid()}.part"  # per process: parallel runs don't collide
+    offline_hint = f"Put the MedMNIST file at {target} or pass data.path=/path/to/{target.name}"
+    tmp = cache / f".{target.stem}.{os.getpid()}.part"  # per process: parallel runs don't collide
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as out:
-            _fetch(url, out, name, progress)
+            _fetch(url, out, target.stem, progress)
         got = md5sum(tmp)
         if got != md5:
             raise DataError(
-                f"download of {name} from {url} has MD5 {got}, expected {md5}; the file was "
-                f"removed. Try again later. {offline_hint}"
+                f"download of {target.stem} from {url} has MD5 {got}, expected {md5}; the file "
+                f"was removed. Try again later. {offline_hint}"
             )
         os.replace(tmp, target)
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
         # HTTPError's str() carries the status code; URLError's reason is the socket error.
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise DataError(
-            f"cannot download {name} from {url} ({reason}): no network? {offline_hint}"
+            f"cannot download {target.stem} from {url} ({reason}): no network? {offline_hint}"
         ) from e
     except OSError as e:
         raise DataError(
-            f"cannot save the download of {name} in {cache} ({e}); set data.cache_dir or "
-            f"$FEDTWIN_CACHE to a writable folder. {offline_hint}"
+            f"cannot save the download of {target.stem} in {cache} ({e}); set data.cache_dir "
+            f"or $FEDTWIN_CACHE to a writable folder. {offline_hint}"
         ) from e
     finally:
         tmp.unlink(missing_ok=True)
@@ -99,19 +159,19 @@ def _fetch(url: str, out, name: str, progress: bool) -> None:
                 bar.update(len(chunk))
 
 
-def resolve_data_path(
-    path: str | None, name: str, cache_dir: str | None = None, *, progress: bool = True
-) -> Path:
-    """The npz to use: ``path`` if given (it must exist), else the cached or downloaded file."""
-    if path:
-        given = Path(path).expanduser()
+def resolve_data_path(data: Mapping[str, Any], *, progress: bool = True) -> Path:
+    """The npz to use for the run config's ``data`` section: ``data.path`` if given (it
+    must exist), else the cached or downloaded official file: the one at ``data.image_size``,
+    or, when MedMNIST publishes no file of that size, the smallest larger one (images are
+    resized after loading), else the largest."""
+    if data.get("path"):
+        given = Path(data["path"]).expanduser()
         if not given.exists():
             raise DataError(
                 f"data.path={given}: no such file or folder; give an existing MedMNIST .npz "
                 "or DICOM folder, or leave data.path unset to use the download"
             )
         return given
-    return download(name, _cache_root(cache_dir), progress=progress)
-
-
-_cache_root = cache_dir  # resolve_data_path's parameter shadows the function name
+    wanted, sizes = int(data["image_size"]), published_sizes(data)
+    size = next((s for s in sizes if s >= wanted), sizes[-1] if sizes else wanted)
+    return download(data, cache_dir(data.get("cache_dir")), size=size, progress=progress)

@@ -22,6 +22,9 @@ class DataConfig:
     cache_dir: str | None = None
     image_size: int = MISSING
     classes: list[str] = MISSING
+    channels: int = 1
+    task: str = "multi-class"
+    sources: dict[int, dict[str, str]] = field(default_factory=dict)  # size -> {url, md5}
 
 
 @dataclass
