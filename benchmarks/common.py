@@ -77,7 +77,7 @@ def last_round_alone(out: Path) -> dict | None:
     from fedtwin.data import pooled_train
     from fedtwin.demo import load_real_data, simulate_hospitals
     from fedtwin.metrics import evaluate_twin
-    from fedtwin.models import build_model
+    from fedtwin.models import model_from_config
     from fedtwin.tensors import set_weights
     from fedtwin.twin import generate
 
@@ -91,7 +91,7 @@ def last_round_alone(out: Path) -> dict | None:
     with np.load(out / "twin" / "images.npz") as npz:
         labels = npz["train_labels"][:, 0].astype(np.int64)
     n_classes = len(cfg["data"]["classes"])
-    model = build_model(cfg["model"], n_classes, int(cfg["data"]["image_size"]))
+    model = model_from_config(cfg)
     set_weights(model, weights)
     images = generate(model, labels, int(cfg["seed"]))
     twin, real, val = (images, labels), (real.images, real.labels), (val.images, val.labels)

@@ -33,7 +33,7 @@ from fedtwin.data import Hospital
 from fedtwin.features import noisy_feature_sums, release_rows
 from fedtwin.ledger import Ledger, digest
 from fedtwin.metrics import Classifier, classifier_from_config, features
-from fedtwin.models import build_model
+from fedtwin.models import model_from_config
 from fedtwin.privacy import (
     BudgetExceeded,
     PrivacyPlan,
@@ -88,7 +88,7 @@ def audit(msg: Message, cfg: dict, hospital: Hospital) -> Message:
     """The audit's and the utility scoring's aggregates over the hospital's own images."""
     torch.set_num_threads(THREADS)
     twin = msg.content[messages.TWIN]["images"].numpy()
-    classifier = Classifier(len(cfg["data"]["classes"]))
+    classifier = Classifier(len(cfg["data"]["classes"]), int(cfg["data"].get("channels", 1)))
     set_weights(classifier, messages.from_record(msg.content[messages.CLASSIFIER]))
     classifier.eval()
     site = site_audit(
@@ -158,7 +158,7 @@ def _train_round(
     plan = _plan(msg, cfg, hospital, ledger)
     n_classes = len(cfg["data"]["classes"])
     shares = _label_shares(ledger, hospital, n_classes, plan, str(context.run_id))
-    model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])
+    model = model_from_config(cfg)
     model.label_prior = torch.as_tensor(shares, dtype=torch.float32)
     set_weights(model, messages.from_record(msg.content[messages.ARRAYS]))
     started = time.perf_counter()
@@ -239,7 +239,7 @@ def _feature_rows(
     """The hospital's feature release ``(K, D + 1)``: computed and recorded once, before it
     leaves; the same rows ever after."""
     n_classes = len(cfg["data"]["classes"])
-    model = build_model(cfg["model"], n_classes, cfg["data"]["image_size"])
+    model = model_from_config(cfg)
     labels = np.asarray(hospital.train.labels, dtype=np.int64)
     spec = json.dumps(cfg["model"]["features"], sort_keys=True)
     request = digest("features", hospital.train.images.tobytes(), labels.tobytes(), spec,

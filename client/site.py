@@ -96,6 +96,7 @@ def load_site(context: Context) -> Hospital:
         int(cfg["data"]["image_size"]),
         float(cfg["federation"]["holdout_fraction"]),
         n_classes=len(cfg["data"]["classes"]),
+        channels=int(cfg["data"].get("channels", 1)),
     )
 
 
@@ -138,7 +139,12 @@ def _simulated_hospitals(keys: str) -> list[Hospital]:
 
 @functools.lru_cache(maxsize=2)
 def load_archive(
-    data: str, name: str, image_size: int, holdout_fraction: float, n_classes: int | None = None
+    data: str,
+    name: str,
+    image_size: int,
+    holdout_fraction: float,
+    n_classes: int | None = None,
+    channels: int = 1,
 ) -> Hospital:
     """The hospital's images and its fixed holdout (the same at every start)."""
     from fedtwin.data import load_npz, split_hospital  # imported by the messages that need
@@ -146,7 +152,7 @@ def load_archive(
 
     path = Path(data)
     if path.is_dir():
-        result = ingest(path, image_size, n_classes=n_classes)
+        result = ingest(path, image_size, n_classes=n_classes, channels=channels)
         print(f"fedtwin: {result.summary()}", file=sys.stderr)
         info_path = path / "hospital.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
@@ -156,7 +162,8 @@ def load_archive(
         return split_hospital(name, result.data, fraction, seed)
     if path.suffix == ".npz":
         name = name or path.stem
-        return split_hospital(name, load_npz(path, "train"), holdout_fraction, derive_seed(name))
+        data = load_npz(path, "train", channels)
+        return split_hospital(name, data, holdout_fraction, derive_seed(name))
     raise FileNotFoundError(
         f"node config data={data!r}: expected a DICOM folder with labels.csv or a .npz file"
     )

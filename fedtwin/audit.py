@@ -39,8 +39,9 @@ What is computed (references in docs/audit.md):
 
 Exact duplicates in the real data are not blamed on the generator: duplicate training
 images count once, and holdout images identical to a training image are dropped from the
-non-members (they are members in all but name). Images are uint8 ``(N, H, W)``; the pixel
-space is ``x / 255`` flattened, the feature space unit-length embeddings.
+non-members (they are members in all but name). Images are uint8 ``(N, H, W)`` or, in
+colour, ``(N, H, W, C)``; the pixel space is ``x / 255`` flattened, the feature space
+unit-length embeddings.
 """
 
 from __future__ import annotations
@@ -113,8 +114,10 @@ def deduplicate(train: np.ndarray, holdout: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def coarse(images: np.ndarray, size: int) -> np.ndarray:
-    """Images averaged down to ``size`` x ``size`` (values in [0, 1]), flattened."""
-    x = torch.as_tensor(images, dtype=torch.float64).unsqueeze(1) / 255.0
+    """Images averaged down to ``size`` x ``size`` (values in [0, 1]; each colour channel
+    on its own), flattened."""
+    x = torch.as_tensor(images, dtype=torch.float64) / 255.0
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     return torch.nn.functional.adaptive_avg_pool2d(x, size).flatten(1).numpy()
 
 

@@ -24,9 +24,9 @@ from fedtwin.tensors import get_weights, set_weights
 class DPClassifier(DPTrainable):
     """A ``Classifier`` trained on real images with DP-SGD; the whole model is private."""
 
-    def __init__(self, n_classes: int, lr: float = 1e-3):
+    def __init__(self, n_classes: int, lr: float = 1e-3, channels: int = 1):
         super().__init__()
-        self.classifier = Classifier(n_classes)
+        self.classifier = Classifier(n_classes, channels)
         self.lr = lr
 
     def private_module(self) -> torch.nn.Module:
@@ -61,9 +61,9 @@ def train_federated_dp_classifier(
     far smaller than the discriminator's); the rest of the plan is ``cfg.privacy`` (the
     class-count release it reserves is not used here, so the epsilon spent stays below).
     """
-    n_classes = len(cfg["data"]["classes"])
+    n_classes, channels = len(cfg["data"]["classes"]), int(cfg["data"].get("channels", 1))
     torch.manual_seed(int(cfg["seed"]))
-    global_model = DPClassifier(n_classes, lr)
+    global_model = DPClassifier(n_classes, lr, channels)
     plans = [
         plan_from_config(
             cfg["privacy"],
@@ -75,7 +75,7 @@ def train_federated_dp_classifier(
         for h in hospitals
     ]
     weights, results = run_rounds(
-        lambda i: DPClassifier(n_classes, lr),
+        lambda i: DPClassifier(n_classes, lr, channels),
         get_weights(global_model),
         hospitals,
         plans,

@@ -61,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     ingest.add_argument("path", type=Path)
     ingest.add_argument("--image-size", type=_positive(int), default=28)
     ingest.add_argument(
-        "--classes", type=_positive(int), help="number of classes (default: data.classes)"
+        "--classes", type=_positive(int), help="number of classes (default: the dataset's)"
+    )
+    ingest.add_argument(
+        "--data",
+        default="pneumoniamnist",
+        help="the dataset config (conf/data/<name>.yaml) whose classes and channels to expect",
     )
 
     data = sub.add_parser("data", help="datasets")
@@ -280,8 +285,12 @@ def cmd_ingest(args) -> int:
     from fedtwin.config import load_config
     from fedtwin.ingest import ingest
 
-    n_classes = args.classes or len(load_config()["data"]["classes"])
-    result = ingest(args.path, args.image_size, progress=True, n_classes=n_classes)
+    data = load_config([f"data={args.data}"])["data"]
+    n_classes = args.classes or len(data["classes"])
+    channels = int(data.get("channels", 1))
+    result = ingest(
+        args.path, args.image_size, progress=True, n_classes=n_classes, channels=channels
+    )
     print(result.summary())
     for name, reason in result.skipped:
         print(f"  skipped {name}: {reason}")

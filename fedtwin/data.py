@@ -2,7 +2,8 @@
 the official files is ``fedtwin.medmnist``).
 
 Conventions used everywhere in fedtwin: images are ``uint8`` arrays ``(N, H, W)`` (bright =
-dense, as in MONOCHROME2) and labels are ``int64`` arrays ``(N,)``.
+dense, as in MONOCHROME2), or ``(N, H, W, 3)`` RGB for colour datasets (``data.channels``,
+as MedMNIST stores them), and labels are ``int64`` arrays ``(N,)``.
 
 A simulated consortium is made in two seeded steps, both reproducible from the config:
 ``partition`` deals the rows of one dataset out to hospitals (iid or Dirichlet label skew),
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedtwin.tensors import from_planes, to_planes
+
 # A Dirichlet partition is redrawn until every hospital holds at least this many images, so
 # that no hospital is left with too few images to train, hold out and audit.
 MIN_HOSPITAL_IMAGES = 10
@@ -37,16 +40,16 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    """Images ``(N, H, W)`` uint8 with their labels ``(N,)`` int64."""
+    """Images ``(N, H, W)`` uint8 (colour ``(N, H, W, C)``) with their labels ``(N,)`` int64."""
 
     images: np.ndarray
     labels: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 3 or self.labels.shape != (len(self.images),):
+        if self.images.ndim not in (3, 4) or self.labels.shape != (len(self.images),):
             raise ValueError(
-                f"Split needs images (N, H, W) and labels (N,); got {self.images.shape} "
-                f"and {self.labels.shape}"
+                f"Split needs images (N, H, W) or (N, H, W, C) and labels (N,); got "
+                f"{self.images.shape} and {self.labels.shape}"
             )
 
     def __len__(self) -> int:
@@ -63,18 +66,20 @@ class Split:
         return np.bincount(self.labels, minlength=n_classes).astype(np.int64)
 
 
-def empty_split(image_size: int) -> Split:
-    """A Split with no rows: images ``(0, image_size, image_size)``."""
-    return Split(np.zeros((0, image_size, image_size), np.uint8), np.zeros((0,), np.int64))
+def empty_split(image_size: int, channels: int = 1) -> Split:
+    """A Split with no rows: images ``(0, image_size, image_size)`` (colour: ``(..., C)``)."""
+    shape = (0, image_size, image_size, *((channels,) if channels > 1 else ()))
+    return Split(np.zeros(shape, np.uint8), np.zeros((0,), np.int64))
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Make ``(N, H, W)`` uint8 images ``(N, size, size)``; untouched when already that size.
+    """Make ``(N, H, W)`` uint8 images ``(N, size, size)`` (colour ``(N, H, W, C)``:
+    ``(N, size, size, C)``); untouched when already that size.
 
     Non-square images are centre-cropped to a square first, as MedMNIST did, so anatomy is
     not stretched. Resizing is bilinear with antialiasing (no aliasing when shrinking).
     """
-    n, h, w = images.shape
+    n, h, w = images.shape[:3]
     if (h, w) == (size, size):
         return images
     side = min(h, w)
@@ -82,22 +87,23 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     square = images[:, top : top + side, left : left + side]
     if side == size:
         return np.ascontiguousarray(square)
-    out = np.empty((n, size, size), np.uint8)
+    out = np.empty((n, size, size, *images.shape[3:]), np.uint8)
     step = max(1, _RESIZE_PIXELS // (side * side))  # bounds the float copies torch makes
     for start in range(0, n, step):
-        x = torch.from_numpy(np.ascontiguousarray(square[start : start + step])).float()
-        y = F.interpolate(
-            x.unsqueeze(1), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-        out[start : start + step] = y.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
+        x = to_planes(np.ascontiguousarray(square[start : start + step])).float()
+        y = F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + step] = from_planes(y.round().clamp(0, 255).to(torch.uint8))
     return out
 
 
-def load_npz(path: str | Path, split: str = "train") -> Split:
+def load_npz(path: str | Path, split: str = "train", channels: int | None = 1) -> Split:
     """Read one split of a MedMNIST-format npz (``{split}_images``, ``{split}_labels``).
 
-    Images may be ``(N, H, W)`` or ``(N, H, W, 1)`` uint8; RGB ``(N, H, W, 3)`` is converted
-    to grey. Labels ``(N,)`` or ``(N, 1)`` of any integer type come back as int64 ``(N,)``.
+    Images may be ``(N, H, W)`` or ``(N, H, W, 1)`` uint8, or RGB ``(N, H, W, 3)``. With
+    ``channels=1`` (``data.channels``) they come back ``(N, H, W)``, RGB converted to grey
+    (ITU-R 601 luma); with ``channels=3`` ``(N, H, W, 3)``, and grey images are refused
+    (a colour model would learn three equal channels); ``None`` keeps them as stored.
+    Labels ``(N,)`` or ``(N, 1)`` of any integer type come back as int64 ``(N,)``.
     """
     path = Path(path)
     if not path.is_file():
@@ -122,7 +128,8 @@ def load_npz(path: str | Path, split: str = "train") -> Split:
             f"(keys found: {keys})"
         )
     images, labels = arrays[wanted[0]], arrays[wanted[1]]
-    return Split(_check_images(path, split, images), _check_labels(path, split, labels, images))
+    images = _check_images(path, split, images, channels)
+    return Split(images, _check_labels(path, split, labels, images))
 
 
 def _check_array_sizes(path: Path, keys: tuple[str, ...]) -> None:
@@ -155,7 +162,7 @@ def _check_array_sizes(path: Path, keys: tuple[str, ...]) -> None:
                 )
 
 
-def _check_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:
+def _check_images(path: Path, split: str, images: np.ndarray, channels: int | None) -> np.ndarray:
     key = f"{split}_images"
     if images.dtype != np.uint8:
         raise DataError(
@@ -164,14 +171,22 @@ def _check_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:
         )
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    elif images.ndim == 4 and images.shape[-1] == 3:
-        grey = images.astype(np.float64) @ LUMA_WEIGHTS
-        images = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-    if images.ndim != 3 or min(images.shape[1:], default=0) < 1:
+    rgb = images.ndim == 4 and images.shape[-1] == 3
+    if not (images.ndim == 3 or rgb) or min(images.shape[1:3], default=0) < 1:
         raise DataError(
             f"{path}: {key} has shape {images.shape}; expected (N, H, W), (N, H, W, 1) "
             "or RGB (N, H, W, 3)"
         )
+    if rgb and channels == 1:
+        grey = images.astype(np.float64) @ LUMA_WEIGHTS
+        images = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    elif not rgb and channels == 3:
+        raise DataError(
+            f"{path}: {key} holds grey images {images.shape}, but data.channels=3 (colour); "
+            "use a grey dataset's config (data.channels=1) or a colour file"
+        )
+    elif channels not in (None, 1, 3):
+        raise DataError(f"data.channels={channels}: expected 1 (grey) or 3 (colour)")
     return np.ascontiguousarray(images)
 
 

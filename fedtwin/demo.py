@@ -35,9 +35,10 @@ def load_real_data(cfg: dict) -> tuple[Split, Split, Path]:
     """The real train and val splits named by ``data.*``, at ``data.image_size``."""
     d = cfg["data"]
     path = resolve_data_path(d)
-    train, val = load_npz(path, "train"), load_npz(path, "val")
+    channels = int(d.get("channels", 1))
+    train, val = load_npz(path, "train", channels), load_npz(path, "val", channels)
     size = int(d["image_size"])
-    if train.images.shape[1:] != (size, size):
+    if train.images.shape[1:3] != (size, size):
         train = Split(resize_images(train.images, size), train.labels)
         val = Split(resize_images(val.images, size), val.labels)
     return train, val, path

@@ -46,13 +46,15 @@ def write_dicom(
     hospital: str | None = None,
     modality: str | None = None,
 ) -> Path:
-    """Write one ``(H, W)`` uint8 image as a Secondary Capture DICOM Part-10 file.
+    """Write one ``(H, W)`` uint8 image (or colour ``(H, W, 3)``) as a Secondary Capture
+    DICOM Part-10 file.
 
-    Explicit VR little endian, MONOCHROME2, 8 bits. No real identifiers are ever written:
-    PatientName is ``SYNTHETIC`` (synthetic) or ``ANON^<hospital>^<instance_number>``, and
-    PatientID an opaque hash. ``synthetic=True`` marks the file as a fedtwin synthetic
-    image (ImageType DERIVED/SECONDARY, ConversionType SYN, SeriesDescription and
-    ImageComments say it is not a real patient).
+    Explicit VR little endian, 8 bits, MONOCHROME2 (or RGB, colour-by-pixel). No real
+    identifiers are ever written: PatientName is ``SYNTHETIC`` (synthetic) or
+    ``ANON^<hospital>^<instance_number>``, and PatientID an opaque hash.
+    ``synthetic=True`` marks the file as a fedtwin synthetic image (ImageType
+    DERIVED/SECONDARY, ConversionType SYN, SeriesDescription and ImageComments say it is
+    not a real patient).
 
     Args:
         label: class id, stored in the fedtwin private block (None = not stored).
@@ -61,8 +63,11 @@ def write_dicom(
             from it, so rewriting gives identical files. Without it, UIDs are random.
         modality: defaults to "OT" for synthetic images, "CR" otherwise.
     """
-    if image.ndim != 2 or image.dtype != np.uint8:
-        raise ValueError(f"{path}: image must be (H, W) uint8, got {image.shape} {image.dtype}")
+    colour = image.ndim == 3 and image.shape[2] == 3
+    if not (image.ndim == 2 or colour) or image.dtype != np.uint8:
+        raise ValueError(
+            f"{path}: image must be (H, W) or (H, W, 3) uint8, got {image.shape} {image.dtype}"
+        )
 
     def uid(part: str) -> str:
         return generate_uid(entropy_srcs=[uid_source, part]) if uid_source else generate_uid()
@@ -102,9 +107,11 @@ def write_dicom(
         ds.ConversionType = "WSD"
         ds.DeidentificationMethod = "fedtwin archive from a public de-identified dataset"
 
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = "RGB" if colour else "MONOCHROME2"
+    if colour:
+        ds.PlanarConfiguration = 0  # R, G, B of one pixel, then the next
+    ds.Rows, ds.Columns = image.shape[:2]
     ds.BitsAllocated = 8
     ds.BitsStored = 8
     ds.HighBit = 7
@@ -196,7 +203,7 @@ def make_hospital_archives(
             f"{existing[0]} exists (an archive from an earlier run?); choose another --out, "
             f"or pass --force to replace {len(existing)} existing archive(s)"
         )
-    data = load_npz(source, "train")
+    data = load_npz(source, "train", channels=None)  # grey or colour, as the file has them
     source_sha = hashlib.sha256(source.read_bytes()).hexdigest()
     n_classes = int(data.labels.max()) + 1 if len(data) else 0
     hospitals = make_hospitals(data, n_hospitals, scheme, alpha, holdout_fraction, seed)

@@ -5,10 +5,12 @@ An archive is ``DIR/dicom/*.dcm`` plus ``DIR/labels.csv`` (header ``file,label``
 relative to ``DIR/dicom``). A file that cannot be used is skipped with a reason, never
 fatal; only a labels.csv that cannot be read at all (not UTF-8, not CSV) stops the ingest,
 naming its line. Choices: multi-frame files are skipped (the label belongs to the whole
-file, and no single frame of a cine or volume stands for it); colour (RGB, YBR, palette)
-becomes grey (BT.601 luma); 8-bit MONOCHROME2 without rescale, LUT or window keeps its
-pixels exactly; anything else goes modality LUT -> VOI LUT/window -> MONOCHROME1 inversion
--> per-image min-max to 0..255.
+file, and no single frame of a cine or volume stands for it); for a grey dataset
+(``data.channels=1``) colour (RGB, YBR, palette) becomes grey (BT.601 luma), for a colour
+one (``data.channels=3``) it stays RGB (YBR converted by pydicom, palette looked up) and a
+grey file is skipped (a colour model would learn three equal channels from it); 8-bit
+MONOCHROME2 or RGB without rescale, LUT or window keeps its pixels exactly; anything else
+goes modality LUT -> VOI LUT/window -> MONOCHROME1 inversion -> per-image min-max to 0..255.
 
 Memory stays bounded whatever the files hold: a file larger than ``MAX_FILE_BYTES`` on disk,
 or deflated (Deflated Explicit VR Little Endian) to more than that, is skipped before it is
@@ -48,7 +50,8 @@ _INFLATE_STEP = 1 << 20
 
 @dataclass
 class IngestResult:
-    """What ``ingest`` read: ``data`` ``(N, S, S)``, and every file it skipped with why."""
+    """What ``ingest`` read: ``data`` ``(N, S, S)`` (colour ``(N, S, S, 3)``), and every file
+    it skipped with why."""
 
     data: Split
     used: int
@@ -71,16 +74,22 @@ class _Skip(Exception):
 
 
 def ingest(
-    path: Path, image_size: int, progress: bool = False, *, n_classes: int | None = None
+    path: Path,
+    image_size: int,
+    progress: bool = False,
+    *,
+    n_classes: int | None = None,
+    channels: int = 1,
 ) -> IngestResult:
     """Read a hospital's images: a MedMNIST ``.npz`` (train split) or a DICOM archive folder.
 
-    Images come back ``(N, image_size, image_size)`` uint8, rows sorted by file name. With
-    ``n_classes`` a label must be one of ``0 .. n_classes - 1`` (``data.classes``).
+    Images come back ``(N, image_size, image_size)`` uint8 (``channels=3``: ``(..., 3)``
+    RGB), rows sorted by file name. With ``n_classes`` a label must be one of
+    ``0 .. n_classes - 1`` (``data.classes``).
     """
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".npz":
-        data = load_npz(path, "train")
+        data = load_npz(path, "train", channels)
         if n_classes is not None and len(data) and data.labels.max() >= n_classes:
             raise DataError(
                 f"{path}: train_labels go up to {data.labels.max()}, but the dataset has "
@@ -110,12 +119,14 @@ def ingest(
     for name in tqdm(sorted(rows), desc="ingest", unit="file", disable=not progress):
         try:
             label = _label(rows[name], n_classes)
-            images.append(_read_image(_archive_file(root, name), image_size))
+            images.append(_read_image(_archive_file(root, name), image_size, channels))
             labels.append(label)
         except _Skip as e:
             skipped.append((name, str(e)))
     data = (
-        Split(np.stack(images), np.array(labels, np.int64)) if images else empty_split(image_size)
+        Split(np.stack(images), np.array(labels, np.int64))
+        if images
+        else empty_split(image_size, channels)
     )
     return IngestResult(data, len(data), sorted(skipped), str(path))
 
@@ -194,8 +205,9 @@ def _archive_file(root: Path, name: str) -> Path:
     return file
 
 
-def _read_image(file: Path, image_size: int) -> np.ndarray:
-    """One DICOM file as an ``(image_size, image_size)`` uint8 image; raises _Skip."""
+def _read_image(file: Path, image_size: int, channels: int = 1) -> np.ndarray:
+    """One DICOM file as an ``(image_size, image_size)`` uint8 image (``channels=3``:
+    ``(..., 3)``); raises _Skip."""
     try:
         with open(file, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
@@ -206,7 +218,7 @@ def _read_image(file: Path, image_size: int) -> np.ndarray:
             warnings.simplefilter("ignore")
             _check_inflated_size(raw)
             # From memory: pydicom then reads what the file holds, not what its lengths say.
-            image = _to_uint8(pydicom.dcmread(io.BytesIO(raw)))
+            image = _to_uint8(pydicom.dcmread(io.BytesIO(raw)), channels)
     except _Skip:
         raise
     except InvalidDicomError as e:
@@ -246,7 +258,7 @@ def _reason(kind: str, e: Exception) -> str:
     return f"{kind}: {type(e).__name__}: {message}"[:_MAX_REASON]
 
 
-def _to_uint8(ds: Dataset) -> np.ndarray:
+def _to_uint8(ds: Dataset, channels: int = 1) -> np.ndarray:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise _Skip("no pixel data")
     frames = int(ds.get("NumberOfFrames") or 1)
@@ -259,12 +271,20 @@ def _to_uint8(ds: Dataset) -> np.ndarray:
         arr = ds.pixel_array
     except Exception as e:  # missing decoder plugins raise various types
         raise _Skip(_reason("cannot decode", e)) from e
-    if _is_plain_8bit(ds):
-        return arr  # already fedtwin's format: keep the pixels exactly
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
-    if arr.ndim == 3 and arr.shape[-1] == 3:
+    colour = arr.ndim == 3 and arr.shape[-1] == 3
+    if channels == 3 and not colour:
+        raise _Skip(
+            f"grey image ({photometric}) in a colour dataset (data.channels=3); "
+            "leave it out of the archive or train a grey dataset"
+        )
+    if _is_plain_8bit(ds) or (colour and channels == 3 and arr.dtype == np.uint8):
+        return arr  # already fedtwin's format: keep the pixels exactly
+    if colour and channels == 3:
+        return _min_max(arr)  # e.g. a 16-bit palette: one scale for the three channels
+    if colour:
         values = arr.astype(np.float64) @ LUMA_WEIGHTS
     elif arr.ndim == 2:
         values = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fedtwin.manifold import manifold_report
-from fedtwin.tensors import to_tensor
+from fedtwin.tensors import channels_of, to_tensor
 
 Data = tuple[np.ndarray, np.ndarray]  # images uint8 (N, H, W), labels (N,)
 
@@ -36,12 +36,12 @@ FEATURE_SPACE = (
 
 
 class Classifier(nn.Module):
-    """``(N, 1, S, S)`` in [-1, 1] -> logits ``(N, n_classes)``; GroupNorm, so Opacus takes it."""
+    """``(N, C, S, S)`` in [-1, 1] -> logits ``(N, n_classes)``; GroupNorm, so Opacus takes it."""
 
-    def __init__(self, n_classes: int):
+    def __init__(self, n_classes: int, channels: int = 1):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
+            nn.Conv2d(channels, 32, 3, padding=1),
             nn.GroupNorm(8, 32),
             nn.ReLU(),
             nn.MaxPool2d(2),
@@ -59,7 +59,7 @@ class Classifier(nn.Module):
         self.head = nn.Linear(64, n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 1, S, S)`` -> ``(N, 64)``."""
+        """``(N, C, S, S)`` -> ``(N, 64)``."""
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def train_classifier(
     """Adam on class-balanced cross-entropy (classes absent from ``labels`` weigh 0)."""
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
-    model = Classifier(n_classes)
+    model = Classifier(n_classes, channels_of(images))
     x, y = to_tensor(images), torch.as_tensor(labels, dtype=torch.long)
     counts = torch.bincount(y, minlength=n_classes).float()
     weight = torch.where(counts > 0, len(y) / (n_classes * counts.clamp(min=1)), 0.0)

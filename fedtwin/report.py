@@ -30,10 +30,11 @@ th{background:#f3f3f3}.warn{background:#fde8e8;border:2px solid #c00;padding:.8e
 
 
 def image_grid(images: np.ndarray, cols: int = 8) -> np.ndarray:
-    """Tile uint8 ``(N, H, W)`` into one ``(rows*H, cols*W)`` image; missing tiles are 0."""
-    n, h, w = images.shape
+    """Tile uint8 ``(N, H, W)`` into one ``(rows*H, cols*W)`` image, or colour ``(N, H, W, C)``
+    into ``(rows*H, cols*W, C)``; missing tiles are 0."""
+    n, h, w = images.shape[:3]
     rows = max(1, math.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w), dtype=np.uint8)
+    grid = np.zeros((rows * h, cols * w, *images.shape[3:]), dtype=np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
@@ -50,7 +51,7 @@ def _grid_png(images: np.ndarray) -> str:
     grid = image_grid(images)
     fig = Figure(figsize=(grid.shape[1] / 40, grid.shape[0] / 40), dpi=80)
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")  # RGB: as is
     ax.axis("off")
     return _png(fig)
 

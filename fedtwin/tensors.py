@@ -1,6 +1,6 @@
-"""Conversions between fedtwin's numpy conventions and torch: images (uint8 ``(N, H, W)``
-<-> float ``(N, 1, H, W)`` in [-1, 1]) and model weights (what hospitals and the server
-exchange: named numpy arrays)."""
+"""Conversions between fedtwin's numpy conventions and torch: images (uint8 ``(N, H, W)``,
+or ``(N, H, W, C)`` for colour as MedMNIST stores it, <-> float ``(N, C, H, W)`` in
+[-1, 1]) and model weights (what hospitals and the server exchange: named numpy arrays)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,32 @@ import numpy as np
 import torch
 
 
+def to_planes(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` -> a uint8 tensor ``(N, C, H, W)``."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def from_planes(x: torch.Tensor) -> np.ndarray:
+    """A tensor ``(N, C, H, W)`` -> numpy ``(N, H, W)`` (one channel) or ``(N, H, W, C)``."""
+    x = x.squeeze(1) if x.shape[1] == 1 else x.permute(0, 2, 3, 1)
+    return np.ascontiguousarray(x.cpu().numpy())
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N, H, W)`` -> float ``(N, 1, H, W)`` in [-1, 1]."""
-    return torch.tensor(images, dtype=torch.float32).div(127.5).sub(1.0).unsqueeze(1)
+    """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` -> float ``(N, C, H, W)`` in [-1, 1]."""
+    return to_planes(images).float().div(127.5).sub(1.0).contiguous()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float ``(N, 1, H, W)`` in [-1, 1] -> uint8 ``(N, H, W)``."""
-    x = images.detach().squeeze(1).clamp(-1, 1).add(1).mul(127.5).round()
-    return x.to(torch.uint8).cpu().numpy()
+    """float ``(N, C, H, W)`` in [-1, 1] -> uint8 ``(N, H, W)`` (one channel) or
+    ``(N, H, W, C)``."""
+    return from_planes(images.detach().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8))
+
+
+def channels_of(images: np.ndarray) -> int:
+    """Channels of uint8 images ``(N, H, W)`` (1) or ``(N, H, W, C)``."""
+    return 1 if images.ndim == 3 else int(images.shape[3])
 
 
 def get_weights(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:

@@ -27,7 +27,7 @@ from fedtwin.dicom import write_dicom
 from fedtwin.jsonio import write_json
 from fedtwin.models.base import TwinGenerator
 from fedtwin.signing import sha256_file, verify_twin
-from fedtwin.tensors import to_uint8
+from fedtwin.tensors import to_planes, to_uint8
 
 
 def label_mix(shares: np.ndarray, n: int, mode: str, seed: int) -> np.ndarray:
@@ -156,7 +156,7 @@ _NOT_HASHED = {"manifest.json", "manifest.sig"}
 
 
 class TwinDataset(torch.utils.data.Dataset):
-    """A twin as a torch ``Dataset`` of ``(image, label)``: float32 ``(1, H, W)`` in [0, 1]
+    """A twin as a torch ``Dataset`` of ``(image, label)``: float32 ``(C, H, W)`` in [0, 1]
     and an int, from ``images.npz``. Checks the twin first (as ``fedtwin verify``, against
     ``public_key`` when given) unless ``verify=False``::
 
@@ -174,7 +174,7 @@ class TwinDataset(torch.utils.data.Dataset):
                     f"(pass verify=False to load it anyway)"
                 )
         with np.load(twin_dir / "images.npz") as data:
-            self.images = torch.from_numpy(data["train_images"]).unsqueeze(1)
+            self.images = to_planes(data["train_images"])  # (N, C, H, W), grey or colour
             self.labels = torch.from_numpy(data["train_labels"].reshape(-1).astype(np.int64))
         self.transform = transform
 

@@ -25,7 +25,7 @@ from fedtwin.config import load_config
 from fedtwin.demo import load_real_data
 from fedtwin.jsonio import write_json
 from fedtwin.metrics import classification_scores, predict_proba, train_classifier
-from fedtwin.models import build_model
+from fedtwin.models import model_from_config
 from fedtwin.privacy import plan_from_config
 from fedtwin.tensors import set_weights, to_uint8
 from fedtwin.training import local_round
@@ -46,7 +46,7 @@ def main() -> None:
     train, val, _ = load_real_data(cfg)
     n_classes, batch = len(cfg["data"]["classes"]), int(cfg["federation"]["batch_size"])
     torch.manual_seed(int(cfg["seed"]))
-    model = build_model(cfg["model"], n_classes, int(cfg["data"]["image_size"]))
+    model = model_from_config(cfg)
     plan = plan_from_config(
         cfg["privacy"], n_train=len(train.labels), batch_size=batch, total_steps=args.steps
     )

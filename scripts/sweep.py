@@ -34,7 +34,7 @@ from fedtwin.inprocess import run_rounds
 from fedtwin.jsonio import write_json
 from fedtwin.manifold import prdc
 from fedtwin.metrics import classification_scores, features, predict_proba, train_classifier
-from fedtwin.models import build_model
+from fedtwin.models import build_model, model_from_config
 from fedtwin.models.dcgan import total_variation
 from fedtwin.privacy import noisy_class_shares, plan_from_config, uses_features
 from fedtwin.tensors import get_weights, set_weights, to_tensor
@@ -48,7 +48,7 @@ def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None) -
     val."""
     models = []
     for weights in recent:
-        model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
+        model = model_from_config(cfg)
         set_weights(model, weights)
         models.append(model)
     images = generate_from_rounds(models, labels, seed=0)

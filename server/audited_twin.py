@@ -27,7 +27,7 @@ from fedtwin.audit import pool
 from fedtwin.config import resolve_device
 from fedtwin.gate import consortium_key, final_epsilons, label_counts, write_gated_twin
 from fedtwin.metrics import classifier_from_config
-from fedtwin.models import build_model
+from fedtwin.models import model_from_config
 from fedtwin.server import messages
 from fedtwin.signing import public_key_path
 from fedtwin.tensors import get_weights, set_weights
@@ -101,7 +101,7 @@ def make_audited_twin(
     seed, tw, ev, au = int(cfg["seed"]), cfg["twin"], cfg["eval"], cfg["audit"]
     models = []
     for _, weights in global_models:
-        model = build_model(cfg["model"], n_classes, int(cfg["data"]["image_size"]))
+        model = model_from_config(cfg)
         set_weights(model, weights)
         models.append(model)
     labels = label_mix(label_counts(history, n_classes), int(tw["size"]), tw["label_mix"], seed)

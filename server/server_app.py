@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtwin.checkpoints import load_checkpoint, recent_global_models, save_checkpoint
 from fedtwin.config import check_config, config_from_run
 from fedtwin.jsonio import write_json
-from fedtwin.models import build_model
+from fedtwin.models import model_from_config
 from fedtwin.privacy import uses_features
 from fedtwin.server import messages
 from fedtwin.server.audited_twin import make_audited_twin
@@ -39,7 +39,7 @@ def initial_weights(cfg: dict) -> dict:
     import torch
 
     torch.manual_seed(int(cfg["seed"]))
-    model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
+    model = model_from_config(cfg)
     return get_weights(model)
 
 
@@ -117,7 +117,7 @@ def warm_start(cfg: dict, out: Path, weights: dict, history: list[dict]) -> tupl
     server), and make that round's checkpoint the fitted model."""
     import torch
 
-    model = build_model(cfg["model"], len(cfg["data"]["classes"]), cfg["data"]["image_size"])
+    model = model_from_config(cfg)
     set_weights(model, weights)
     if model.feature_target() is None:
         log(WARNING, "no hospital released feature statistics: no warm start")

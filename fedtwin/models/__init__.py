@@ -10,13 +10,16 @@ from fedtwin.models.dcgan import DCGAN, DCGANConfig
 from fedtwin.models.ddpm import DDPM, DDPMConfig
 
 __all__ = ["DPTrainable", "TwinGenerator", "DCGAN", "DCGANConfig", "DDPM", "DDPMConfig"]
-__all__ += ["build_model"]
+__all__ += ["build_model", "model_from_config"]
 
 GENERATORS = {"dcgan": (DCGAN, DCGANConfig), "ddpm": (DDPM, DDPMConfig)}
 
 
-def build_model(model_cfg: Mapping[str, Any], n_classes: int, image_size: int) -> TwinGenerator:
-    """Build the generator named by ``model.name`` with the given number of classes."""
+def build_model(
+    model_cfg: Mapping[str, Any], n_classes: int, image_size: int, channels: int = 1
+) -> TwinGenerator:
+    """Build the generator named by ``model.name`` for images of ``channels`` x
+    ``image_size`` x ``image_size`` in ``n_classes`` classes."""
     name = model_cfg.get("name")
     if name not in GENERATORS:
         raise ValueError(
@@ -27,7 +30,17 @@ def build_model(model_cfg: Mapping[str, Any], n_classes: int, image_size: int) -
     # privacy.max_grad_norm), the network does not.
     fields = {k: v for k, v in model_cfg.items() if k not in ("name", "max_grad_norm")}
     try:
-        config = config_class(n_classes=n_classes, image_size=image_size, **fields)
+        config = config_class(
+            n_classes=n_classes, image_size=image_size, channels=channels, **fields
+        )
     except TypeError as e:
         raise ValueError(f"model ({name}): {e}") from None
     return model_class(config)
+
+
+def model_from_config(cfg: Mapping[str, Any]) -> TwinGenerator:
+    """The generator of a resolved run config: ``model.*`` for images as ``data.*`` has them."""
+    data = cfg["data"]
+    return build_model(
+        cfg["model"], len(data["classes"]), int(data["image_size"]), int(data.get("channels", 1))
+    )

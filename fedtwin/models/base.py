@@ -20,7 +20,7 @@ from torch import nn
 class DPTrainable(nn.Module, ABC):
     """Anything ``fedtwin.training.local_round`` can train with DP-SGD.
 
-    Images are float tensors ``(N, 1, H, W)`` scaled to ``[-1, 1]``; labels are int64 ``(N,)``.
+    Images are float tensors ``(N, C, H, W)`` scaled to ``[-1, 1]``; labels are int64 ``(N,)``.
     """
 
     @abstractmethod
@@ -42,7 +42,7 @@ class DPTrainable(nn.Module, ABC):
         expected_batch: int,
         rng: torch.Generator,
     ) -> dict[str, float]:
-        """One step on a Poisson-sampled batch ``real (B, 1, H, W)``, ``labels (B,)``.
+        """One step on a Poisson-sampled batch ``real (B, C, H, W)``, ``labels (B,)``.
 
         ``private`` is the (possibly Opacus-wrapped) private module; it must be used in
         place of ``private_module()``. Only the loss on real images may go through the
@@ -83,6 +83,7 @@ class TwinGenerator(DPTrainable):
     name: str
     n_classes: int
     image_size: int
+    channels: int = 1
     # Class probabilities (n_classes,) for the labels drawn while training: the hospital's
     # noisy label mix, so its discriminator is not taught to reject classes it holds no
     # real images of. None = uniform.
@@ -91,4 +92,4 @@ class TwinGenerator(DPTrainable):
     @abstractmethod
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        """Draw one image per label: ``labels (N,)`` -> images ``(N, 1, H, W)`` in [-1, 1]."""
+        """Draw one image per label: ``labels (N,)`` -> images ``(N, C, H, W)`` in [-1, 1]."""

@@ -1,4 +1,4 @@
-"""Class-conditional DCGAN for small grayscale images (28 x 28 by default).
+"""Class-conditional DCGAN for small images (28 x 28 by default; grayscale or colour).
 
 The discriminator has no BatchNorm (Opacus needs per-sample gradients). By default it is
 an AC-GAN discriminator: it sees the image only, and besides its real/fake logit it
@@ -39,6 +39,7 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
 class DCGANConfig:
     n_classes: int = 2
     image_size: int = 28
+    channels: int = 1  # 3 for colour
     latent_dim: int = 64
     g_width: int = 16  # generator base channels
     d_width: int = 32  # discriminator base channels
@@ -71,7 +72,7 @@ class DCGANConfig:
 
 
 class Generator(nn.Module):
-    """``z (N, latent_dim)``, ``y (N,)`` -> images ``(N, 1, S, S)`` in [-1, 1], S = image_size."""
+    """``z (N, latent_dim)``, ``y (N,)`` -> images ``(N, C, S, S)`` in [-1, 1], S = image_size."""
 
     def __init__(self, cfg: DCGANConfig):
         super().__init__()
@@ -94,7 +95,7 @@ class Generator(nn.Module):
             _upsample(2 * w, w, cfg.upsample),  # 2 base -> 4 base
             nn.BatchNorm2d(w),
             nn.ReLU(),
-            nn.Conv2d(w, 1, 3, padding=1),
+            nn.Conv2d(w, cfg.channels, 3, padding=1),
             nn.Tanh(),
         )
 
@@ -115,7 +116,7 @@ def _upsample(channels_in: int, channels_out: int, how: str) -> nn.Module:
 
 
 class Discriminator(nn.Module):
-    """images ``(N, 1, S, S)``, ``y (N,)`` -> logits ``(N, 1 + n_classes)`` or ``(N, 1)``.
+    """images ``(N, C, S, S)``, ``y (N,)`` -> logits ``(N, 1 + n_classes)`` or ``(N, 1)``.
 
     "aux" (AC-GAN): the image alone gives a real/fake logit and class logits; under DP the
     class head is what makes the twins' labels mean something (it is trained on real images
@@ -136,7 +137,7 @@ class Discriminator(nn.Module):
         self.n_classes = k
         self.classifies = cfg.conditioning == "aux"  # class logits after the real/fake one
         self.features = nn.Sequential(
-            nn.Conv2d(1 + (not self.classifies) * k, w, 4, stride=2, padding=1),  # S -> S/2
+            nn.Conv2d(cfg.channels + (not self.classifies) * k, w, 4, stride=2, padding=1),
             nn.LeakyReLU(0.2),
             nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),  # S/2 -> S/4
             nn.LeakyReLU(0.2),
@@ -163,12 +164,14 @@ class DCGAN(TwinGenerator):
         self.cfg = cfg
         self.n_classes = cfg.n_classes
         self.image_size = cfg.image_size
+        self.channels = cfg.channels
         self.generator = Generator(cfg)
         self.discriminator = Discriminator(cfg)
         self._d_steps_done = 0
         self.feature_map: FeatureMap | None = None
         if cfg.features is not None:
-            self.feature_map = FeatureMap(FeatureConfig(**_tuples(cfg.features)), cfg.image_size)
+            fcfg = FeatureConfig(**_tuples(cfg.features))
+            self.feature_map = FeatureMap(fcfg, cfg.image_size, cfg.channels)
             # The pooled release: per class, feature sums and image count over the
             # consortium's total image count (fedtwin.features.release_rows); zeros until
             # the hospitals have released them.

@@ -33,6 +33,7 @@ from fedtwin.models.base import TwinGenerator, private_step
 class DDPMConfig:
     n_classes: int = 2
     image_size: int = 28
+    channels: int = 1  # 3 for colour
     width: int = 32  # UNet base channels (2x at the lower resolutions)
     timesteps: int = 1000  # training noise levels (linear beta schedule)
     sample_steps: int = 50  # DDIM steps when generating the twin
@@ -72,7 +73,7 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """``x (N, 1, S, S)``, ``t (N,)``, ``y (N,)`` -> predicted noise ``(N, 1, S, S)``.
+    """``x (N, C, S, S)``, ``t (N,)``, ``y (N,)`` -> predicted noise ``(N, C, S, S)``.
 
     Two downsamplings (S -> S/2 -> S/4) with skip connections; ``y == n_classes`` is the
     "no label" index of classifier-free guidance.
@@ -86,7 +87,7 @@ class UNet(nn.Module):
         self.width = w
         self.time = nn.Sequential(nn.Linear(w, e), nn.SiLU(), nn.Linear(e, e))
         self.label = nn.Embedding(cfg.n_classes + 1, e)
-        self.stem = nn.Conv2d(1, w, 3, padding=1)
+        self.stem = nn.Conv2d(cfg.channels, w, 3, padding=1)
         self.down1 = ResBlock(w, w, e)
         self.pool1 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)  # S -> S/2
         self.down2 = ResBlock(2 * w, 2 * w, e)
@@ -95,7 +96,7 @@ class UNet(nn.Module):
         self.up2 = ResBlock(4 * w, 2 * w, e)
         self.up1 = ResBlock(3 * w, w, e)
         self.out_norm = nn.GroupNorm(min(8, w), w)
-        self.out = nn.Conv2d(w, 1, 3, padding=1)
+        self.out = nn.Conv2d(w, cfg.channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         e = self.time(timestep_embedding(t, self.width)) + self.label(y)
@@ -119,6 +120,7 @@ class DDPM(TwinGenerator):
         self.cfg = cfg
         self.n_classes = cfg.n_classes
         self.image_size = cfg.image_size
+        self.channels = cfg.channels
         self.max_physical_batch = cfg.max_physical_batch
         self.unet = UNet(cfg)
         betas = torch.linspace(1e-4, 0.02, cfg.timesteps, dtype=torch.float64)
@@ -161,7 +163,8 @@ class DDPM(TwinGenerator):
         was_training = self.unet.training
         self.unet.eval()
         n = len(labels)
-        x = torch.randn(n, 1, cfg.image_size, cfg.image_size, generator=rng).to(device)
+        x = torch.randn(n, cfg.channels, cfg.image_size, cfg.image_size, generator=rng)
+        x = x.to(device)
         ab = self.alpha_bar.to(device)
         steps = torch.linspace(cfg.timesteps - 1, 0, cfg.sample_steps).round().long().tolist()
         null = torch.full_like(labels, self.n_classes)
