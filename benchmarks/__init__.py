@@ -24,13 +24,15 @@
       TLS, one SuperNode per hospital, `flwr run`), with and without SecAgg+: wall time per
       round against the same local compute alone (overhead ratio), and the bytes sent per
       round to and from each hospital
+  (j) image size and colour: seconds per DP step of each generator at 28, 64 and 128 px,
+      grey and colour, and the ratio to 28 px grey
 
 One module per part: twin_quality (a, b, i), baseline (c), throughput (d), audit (e),
-catalog (f), diffusion (g), deployment (h); common holds what several parts share and
-run is the runner that writes the JSON.
+catalog (f), diffusion (g), deployment (h), image_size (j); common holds what several
+parts share and run is the runner that writes the JSON.
 
 Usage: python -m benchmarks --out runs/benchmark.json [--quick] [--runs 3] [--eps1-runs 1]
-       [--parts a,b,c,d,e,f,g,h,i] [--last-round-alone] [hydra overrides...]. Each part is
+       [--parts a,b,c,d,e,f,g,h,i,j] [--last-round-alone] [hydra overrides...]. Each part is
 written as soon as it ends; a failed part records its error and the others still run.
 (`python scripts/benchmark.py ...` is the same.)
 """

@@ -24,6 +24,7 @@ from benchmarks.catalog import part_f
 from benchmarks.common import SETTING
 from benchmarks.deployment import part_h
 from benchmarks.diffusion import part_g
+from benchmarks.image_size import part_j
 from benchmarks.throughput import part_d
 from benchmarks.twin_quality import part_a, part_b, part_i
 from fedtwin.config import load_config
@@ -33,7 +34,7 @@ from fedtwin.jsonio import write_json
 def main() -> int:
     parser = argparse.ArgumentParser(prog="benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
-    parser.add_argument("--parts", default="a,b,c,d,e,f,g,h,i", help="comma-separated subset")
+    parser.add_argument("--parts", default="a,b,c,d,e,f,g,h,i,j", help="comma-separated subset")
     parser.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
     parser.add_argument("--runs", type=int, default=3, help="independent runs of (a) and (b)")
     parser.add_argument("--eps1-runs", type=int, default=1, help="independent runs of (i)")
@@ -70,6 +71,7 @@ def main() -> int:
         "g": ("g_ddpm", lambda: part_g(out_dir, overrides, args.quick)),
         "h": ("h_deployment", lambda: part_h(cfg, out_dir, overrides)),
         "i": ("i_epsilon_1", lambda: part_i(out_dir, overrides, args.eps1_runs)),
+        "j": ("j_image_size", lambda: part_j(cfg)),
     }
     for key in args.parts.split(","):
         name, run = parts[key.strip()]

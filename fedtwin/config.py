@@ -157,6 +157,10 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     )
     need("data.image_size", _whole, "must be a whole number >= 1")
     need("device", lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda")
+    try:
+        class_weights(cfg)
+    except ValueError as e:
+        problems.append(str(e))
     fed = cfg.get("federation", {})
     if _whole(fed.get("min_hospitals")) and _whole(fed.get("hospitals")):
         if fed["min_hospitals"] > fed["hospitals"]:
@@ -167,6 +171,23 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     if problems:
         raise ValueError("config: " + "; ".join(problems))
     check_federation(cfg)
+
+
+def class_weights(cfg: Mapping[str, Any]) -> list[float]:
+    """``twin.class_weights`` ({class name: weight}, to over-sample rare classes) as one
+    weight per class of ``data.classes``, 1 where a class is not named. A name that is not a
+    class, or a weight that is not a positive number, is a ValueError naming it."""
+    names = [str(c) for c in cfg.get("data", {}).get("classes", [])]
+    given = dict(cfg.get("twin", {}).get("class_weights") or {})
+    unknown = sorted(set(map(str, given)) - set(names))
+    if unknown:
+        raise ValueError(
+            f"twin.class_weights={given}: {', '.join(map(repr, unknown))} is not a class of "
+            f"this dataset (data.classes: {', '.join(names)})"
+        )
+    if not all(_number(w) and w > 0 for w in given.values()):
+        raise ValueError(f"twin.class_weights={given}: every weight must be a positive number")
+    return [float(given.get(c, 1.0)) for c in names]
 
 
 _MISSING = object()

@@ -13,6 +13,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtwin.audit import summary
+from fedtwin.config import class_weights
 from fedtwin.signing import load_signing_key, make_signing_key, sign_twin
 from fedtwin.twin import write_twin
 
@@ -96,6 +97,12 @@ def write_gated_twin(
                 "note": None if dp else "DP off: epsilon = inf, no privacy guarantee",
             },
             "source_data": {"name": cfg["data"]["name"]},
+            "label_mix": {  # how the twin's labels were drawn; over-sampled classes named
+                "mode": tw["label_mix"],
+                "over_sampled": {
+                    c: w for c, w in zip(classes, class_weights(cfg), strict=True) if w != 1
+                },
+            },
             "audit": {**summary(audit), "not_audited": missing},
             "federated_utility": {
                 "classifier": "trained on the twin only, scored on every hospital's holdout",

@@ -279,6 +279,21 @@ def _per_hospital_table(utility: Mapping[str, Any], class_names: Sequence[str]) 
     )
 
 
+def _label_mix_line(config: Mapping[str, Any], labels: np.ndarray, names: Sequence[str]) -> str:
+    """How the twin's labels were drawn (``twin.label_mix``, ``twin.class_weights``) and the
+    images per class that came out."""
+    twin_cfg = config.get("twin", {})
+    mode = twin_cfg.get("label_mix")
+    how = {"federation": "the hospitals' label shares", "balanced": "equal shares"}.get(mode, mode)
+    weights = {str(c): w for c, w in (twin_cfg.get("class_weights") or {}).items() if w != 1}
+    over = "; ".join(f"{html.escape(c)} ×{_num(w, 'g')}" for c, w in weights.items())
+    counts = np.bincount(np.asarray(labels, int), minlength=len(names))
+    per_class = ", ".join(f"{html.escape(str(n))} {k}" for n, k in zip(names, counts, strict=True))
+    if over:
+        over = f", <b>over-sampled</b>: {over} (their share of the twin, not of the real data)"
+    return f"<p>Labels: {html.escape(str(how))}{over}. Images per class: {per_class}.</p>"
+
+
 def _grids_section(
     real_val, twin, class_names: Sequence[str], manifold: Mapping | None, per_class: int = 64
 ) -> str:
@@ -346,6 +361,7 @@ def write_report(
         [
             "<h1>fedtwin twin report</h1>",
             f"<p>{len(twin[0])} synthetic images; wall time {minutes} min {seconds} s.</p>",
+            _label_mix_line(config, twin[1], class_names),
             f"<ul>{notes_html}</ul>" if notes_html else "",
             _privacy_section(epsilons, delta, dp_enabled),
             _audit_section(audit, gate or {}, federated_utility or {}, class_names),

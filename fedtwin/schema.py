@@ -120,6 +120,7 @@ class TwinConfig:
     size: int = MISSING
     checkpoints: int = MISSING
     label_mix: str = MISSING
+    class_weights: dict[str, float] = field(default_factory=dict)  # class name -> weight
     dicom: bool = MISSING
     signing_key: str | None = None
 

@@ -30,8 +30,12 @@ from fedtwin.signing import sha256_file, verify_twin
 from fedtwin.tensors import to_planes, to_uint8
 
 
-def label_mix(shares: np.ndarray, n: int, mode: str, seed: int) -> np.ndarray:
-    """``n`` labels ``(n,)`` int64 with class counts proportional to ``shares`` (or equal).
+def label_mix(
+    shares: np.ndarray, n: int, mode: str, seed: int, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """``n`` labels ``(n,)`` int64 with class counts proportional to ``shares`` (or equal),
+    each class's share multiplied by its entry of ``weights`` (``twin.class_weights``:
+    over-sampling a rare class) and the shares made to sum to 1 again.
 
     ``mode`` is ``federation`` (the hospitals' label proportions) or ``balanced``. Counts are
     exact (largest remainder), the order is shuffled with ``seed``.
@@ -43,6 +47,9 @@ def label_mix(shares: np.ndarray, n: int, mode: str, seed: int) -> np.ndarray:
         p = np.asarray(shares, dtype=float) / np.sum(shares)
     else:
         raise ValueError(f"twin.label_mix: expected 'federation' or 'balanced', got {mode!r}")
+    if weights is not None:
+        p = p * np.asarray(weights, dtype=float)
+        p = p / p.sum()
     raw = p * n
     counts = np.floor(raw).astype(int)
     counts[np.argsort(counts - raw, kind="stable")[: n - counts.sum()]] += 1

@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtwin.audit import pool
-from fedtwin.config import resolve_device
+from fedtwin.config import class_weights, resolve_device
 from fedtwin.gate import consortium_key, final_epsilons, label_counts, write_gated_twin
 from fedtwin.metrics import classifier_from_config
 from fedtwin.models import model_from_config
@@ -104,7 +104,8 @@ def make_audited_twin(
         model = model_from_config(cfg)
         set_weights(model, weights)
         models.append(model)
-    labels = label_mix(label_counts(history, n_classes), int(tw["size"]), tw["label_mix"], seed)
+    counts, weights = label_counts(history, n_classes), class_weights(cfg)
+    labels = label_mix(counts, int(tw["size"]), tw["label_mix"], seed, weights)
     device = resolve_device(str(cfg["device"]))
     images = generate_from_rounds(models, labels, seed, device=device)
     rounds = [r for r, _ in global_models]

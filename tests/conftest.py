@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +11,21 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA = SHARED / "pneumoniamnist_28_trainval.npz"
 RETINA = SHARED / "retinamnist_28_trainval.npz"  # colour fundus photographs, 5 grades
 
-# The deployment tests (real Flower processes) mostly wait: on Flower's 3-second polls, on a
-# fresh ClientApp process per message, on a dead node's heartbeat. So they run one after
-# another as one work unit (``pytest_xdist_make_scheduler`` below) on a pytest-xdist worker
-# more than there are cores (``pytest_xdist_auto_num_workers``), while the other files keep
-# the cores busy, a file per worker (``--dist loadfile``: module fixtures stay on one
-# worker). Units are handed out in the order below, longest first (``--no-loadscope-reorder``:
-# xdist would otherwise sort them by number of tests), and the short files fill in around.
-DEPLOYMENT = (
-    "test_deploy_node_failure.py",
-    "test_deploy_operator_crash.py",
-    "test_deploy.py",
-)
+# The longest test files, longest first, each deployment test (mostly waiting on Flower's
+# 3-second polls) beside one that computes. pytest-xdist (--dist loadfile
+# --no-loadscope-reorder) hands files to the workers in this order, two to each at first:
+# these start at once, and the short files fill in around them instead of one long file
+# running alone at the end. One worker per core: more thrash (torch, Flower and Ray all
+# compute). Measured on two cores: a third worker slowed the run, and so did a third
+# worker that ran the deployment files one after another (22 min against 19; the compute
+# tests beside them took two to ten times as long, as every Flower message starts a
+# process that imports torch).
 LONGEST = (
-    *DEPLOYMENT,
+    "test_deploy_node_failure.py",
     "test_demo.py",
     "test_resume.py",
+    "test_deploy_operator_crash.py",
+    "test_deploy.py",
     "test_flwr_app.py",
     "test_update_checks.py",
     "test_secagg.py",
@@ -39,24 +37,6 @@ LONGEST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST)))  # stable: in file order
-
-
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    return (os.cpu_count() or 1) + 1  # the cores, and one for the waiting deployment tests
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """``--dist loadfile`` with the deployment files as one unit; other modes as xdist's."""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class DeploymentTogether(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            file = super()._split_scope(nodeid)
-            return "deployment" if Path(file).name in DEPLOYMENT else file
-
-    return DeploymentTogether(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -128,10 +128,10 @@ def test_each_generator_trains_with_dp_and_samples_at_its_shape(name, channels, 
         accountant="rdp",
         n_train=n,
         batch_size=32,
-        total_steps=2,
+        total_steps=1,
         label_noise=10.0,
     )
-    result = local_round(model, images, labels, plan, steps=2, batch_size=32, history=[], seed=0)
+    result = local_round(model, images, labels, plan, steps=1, batch_size=32, history=[], seed=0)
     assert 0 < result.epsilon <= 10.0
     twin = generate(model, np.arange(k).repeat(2), seed=0)
     assert twin.shape == (2 * k, *shape[1:]) and twin.dtype == np.uint8

@@ -28,6 +28,8 @@ from fedtwin.config import check_config, load_config
         ("privacy.max_grad_norm=-1", "privacy.max_grad_norm"),
         ("privacy.feature_share=1", "privacy.feature_share"),
         ("federation.warm_start_steps=-5", "federation.warm_start_steps"),
+        ("+twin.class_weights.pneumonia=0", "twin.class_weights"),
+        ("+twin.class_weights.cancer=3", "twin.class_weights"),
     ],
 )
 def test_a_setting_no_run_could_use_is_refused_naming_it(override: str, key: str) -> None:

@@ -29,12 +29,14 @@ MODELS = {
     "ddpm": ["model=ddpm", "model.sample_steps=10", "model.width=16", "model.noise_multiplicity=2"],
 }
 DATASETS = {"dcgan": "data_path", "ddpm": "retina_path"}  # the fixture giving its file
+RARE = ["+twin.class_weights.grade_4=3.0"]
 
 
 def overrides(request, model: str) -> list[str]:
     """The demo's settings for ``model``: its dataset by name, then the model's."""
     path = request.getfixturevalue(DATASETS[model])
-    name = [] if DATASETS[model] == "data_path" else ["data=retinamnist"]
+    # RetinaMNIST's rarest grade over-sampled in its twin (twin.class_weights)
+    name = [] if DATASETS[model] == "data_path" else ["data=retinamnist", *RARE]
     return ["+experiment=tiny", *name, f"data.path={path}", *MODELS[model]]
 
 
@@ -63,6 +65,8 @@ def test_demo_leaves_twin_and_report(demo_run):
     ds = pydicom.dcmread(files[7])  # the pixels read back as written, RGB in colour
     assert ds.PhotometricInterpretation == ("RGB" if colour else "MONOCHROME2")
     assert np.array_equal(ds.pixel_array, npz["train_images"][7])
+    over = {"grade_4": 3.0} if colour else {}
+    assert manifest["label_mix"] == {"mode": "federation", "over_sampled": over}
     for rel, digest in manifest["files"].items():
         assert sha256_file(twin / rel) == digest, rel
     assert manifest["rounds_completed"] == 2
@@ -91,6 +95,7 @@ def test_demo_leaves_twin_and_report(demo_run):
     html = (out / "report.html").read_text()
     assert "hospital-0" in html and "TSTR" in html and "Privacy audit" in html
     assert "global generators of rounds 1, 2, an equal share each" in html
+    assert ("<b>over-sampled</b>: grade_4 ×3" in html) == bool(colour)
     assert "TSTR AUC" in proc.stdout
 
 

@@ -135,3 +135,28 @@ def test_per_hospital_table_shows_label_mix_and_each_classs_accuracy(tmp_path):
     assert "<td>hospital-1</td><td>232 (228 / 4)</td>" in table
     assert "<small>1.000 / 0.000</small>" in table  # hospital-1: every normal, no pneumonia
     assert "<td>432 (278 / 154)</td>" in table  # all hospitals
+
+
+def test_an_over_sampled_class_and_colour_grids_are_shown(tmp_path):
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, size=(30, 28, 28, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2] * 10)
+    page = report(
+        tmp_path,
+        real_val=(imgs, labels),
+        twin=(imgs[::-1], np.array([0] * 5 + [1] * 5 + [2] * 20)),
+        class_names=["grade_0", "grade_1", "grade_4"],
+        config={"twin": {"label_mix": "federation", "class_weights": {"grade_4": 3.0}}},
+    )
+    assert "<b>over-sampled</b>: grade_4 ×3" in page
+    assert "grade_0 5, grade_1 5, grade_4 20" in page
+    assert page.count("<h3>grade_") == 3  # one row of grids per class
+    plain = report(tmp_path, config={"twin": {"label_mix": "balanced"}})
+    assert "Labels: equal shares. Images per class: normal 20, pneumonia 20." in plain
+
+
+def test_colour_images_tile_into_a_colour_grid():
+    images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+    grid = image_grid(images, cols=2)
+    assert grid.shape == (2, 4, 3)
+    assert np.array_equal(grid[:, 2:], images[1])

@@ -112,8 +112,8 @@ def test_signature_by_another_key_is_refused(tmp_path, key_path):
     assert any("extra.txt" in p for p in verify_twin(twin).problems)
 
 
-def gated(tmp_path, verdict: str, override):
-    cfg = load_config([f"twin.signing_key={tmp_path / 'keys' / 'signing.pem'}"])
+def gated(tmp_path, verdict: str, override, *overrides: str):
+    cfg = load_config([f"twin.signing_key={tmp_path / 'keys' / 'signing.pem'}", *overrides])
     cfg["audit"]["override"] = override
     cfg["twin"]["dicom"] = False
     rng = np.random.default_rng(0)
@@ -131,6 +131,14 @@ def gated(tmp_path, verdict: str, override):
     utility = {"auc": 0.5, "acc": 0.5, "n": 10, "per_hospital": {}}
     gate = write_gated_twin(tmp_path, cfg, images, labels, audit, utility, history, [1])
     return gate, tmp_path / "twin"
+
+
+def test_the_manifest_names_an_over_sampled_class(tmp_path, key_path):
+    gate, twin = gated(tmp_path, "pass", None, "+twin.class_weights.pneumonia=2.5")
+    manifest = json.loads((twin / "manifest.json").read_text())
+    assert manifest["label_mix"] == {"mode": "federation", "over_sampled": {"pneumonia": 2.5}}
+    _, plain = gated(tmp_path / "plain", "fail", None)
+    assert json.loads((plain / "manifest.json").read_text())["label_mix"]["over_sampled"] == {}
 
 
 def test_failed_audit_is_not_signed(tmp_path, key_path, capsys):

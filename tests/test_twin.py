@@ -8,6 +8,7 @@ import pydicom
 import pytest
 import torch
 
+from fedtwin.config import class_weights, load_config
 from fedtwin.models import build_model
 from fedtwin.twin import generate, generate_from_rounds, label_mix, sha256_file, write_twin
 
@@ -22,6 +23,20 @@ def test_label_mix_balanced_and_bad_mode():
     assert np.bincount(label_mix(np.array([1, 9]), 11, "balanced", 0)).tolist() == [6, 5]
     with pytest.raises(ValueError, match="twin.label_mix"):
         label_mix(np.array([1, 1]), 10, "uniform", 0)
+
+
+def test_label_mix_over_samples_the_weighted_class():
+    """Shares 80 / 20 with the second class weighted 3: 80 / 60 of every 140 images."""
+    labels = label_mix(np.array([80, 20]), 1400, "federation", 0, weights=np.array([1.0, 3.0]))
+    assert np.bincount(labels).tolist() == [800, 600]
+    even = label_mix(np.array([1, 1, 1]), 12, "balanced", 0, weights=np.array([1.0, 1.0, 2.0]))
+    assert np.bincount(even).tolist() == [3, 3, 6]
+
+
+def test_class_weights_are_per_class_in_the_datasets_order():
+    cfg = load_config(["data=retinamnist", "+twin.class_weights.grade_4=3.0"])
+    assert class_weights(cfg) == [1.0, 1.0, 1.0, 1.0, 3.0]
+    assert class_weights(load_config([])) == [1.0, 1.0]
 
 
 def test_twin_directory_contract(tmp_path):
