@@ -24,8 +24,8 @@
       TLS, one SuperNode per hospital, `flwr run`), with and without SecAgg+: wall time per
       round against the same local compute alone (overhead ratio), and the bytes sent per
       round to and from each hospital
-  (j) image size and colour: seconds per DP step of each generator at 28, 64 and 128 px,
-      grey and colour, and the ratio to 28 px grey
+  (j) image size and colour: seconds per DP step of each generator at 28 and 64 px, grey
+      and colour, and the ratio to 28 px grey
 
 One module per part: twin_quality (a, b, i), baseline (c), throughput (d), audit (e),
 catalog (f), diffusion (g), deployment (h), image_size (j); common holds what several

@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fedtwin.cache import cache_dir
 from fedtwin.data import DataError
 
 _DOWNLOAD_TIMEOUT_S = 60
@@ -82,16 +83,6 @@ def source(data: Mapping[str, Any], size: int) -> tuple[str, str]:
             f"url={url!r}, md5={md5!r}; copy them from conf/data/{name}.yaml"
         )
     return url, md5
-
-
-def cache_dir(configured: str | None = None) -> Path:
-    """Where downloads live: ``configured``, else ``$FEDTWIN_CACHE``, else ~/.cache/fedtwin."""
-    if configured:
-        return Path(configured).expanduser()
-    env = os.environ.get("FEDTWIN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "fedtwin"
 
 
 def md5sum(path: Path) -> str:

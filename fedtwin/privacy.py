@@ -12,15 +12,23 @@ process; the epsilon spent is always recomputed from that history, never estimat
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import opacus
 from opacus.accountants import create_accountant
 from opacus.accountants.rdp import RDPAccountant
+
+from fedtwin.cache import remembered
+
+# What a calibrated noise level depends on besides its arguments: this file and Opacus.
+_CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16] + "/" + opacus.__version__
 
 # The integer RDP orders among Opacus's defaults: each has a closed-form bound
 INTEGER_ORDERS = [a for a in RDPAccountant.DEFAULT_ALPHAS if float(a).is_integer()]
@@ -205,6 +213,7 @@ def _refuse_if_spent(
 
 
 @functools.lru_cache(maxsize=64)
+@remembered(_CODE)  # every deployed message is a new process: kept on disk too
 def feature_noise_for(
     share: float, *, epsilon: float, delta: float, label_noise: float, accountant: str,
     prior: tuple = (),
@@ -239,6 +248,7 @@ def feature_noise_for(
 
 
 @functools.lru_cache(maxsize=64)  # a node plans again every round with the same numbers
+@remembered(_CODE)  # ... and in a deployment each round in a new process: kept on disk too
 def _calibrated_sigma(
     target: float,
     delta: float,

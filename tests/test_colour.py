@@ -158,3 +158,48 @@ def test_a_colour_twin_is_written_as_rgb_dicoms_and_read_as_colour_tensors(tmp_p
     x, y = TwinDataset(tmp_path / "twin", verify=False)[2]
     assert x.shape == (3, 28, 28) and y == 2
     assert np.allclose(x.permute(1, 2, 0).numpy() * 255, images[2])
+
+
+def test_five_class_colour_utility_and_audit_pool_to_what_sklearn_gives(retina_path):
+    """RetinaMNIST split over three hospitals: the pooled macro one-vs-rest AUC and accuracy
+    of a classifier trained on colour images equal sklearn's on all holdouts at once, and
+    the audit runs on colour images (a copied training image is a near copy)."""
+    from scipy.spatial.distance import cdist
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    from fedtwin import audit
+    from fedtwin.metrics import predict_log_odds, predict_proba, train_classifier
+    from fedtwin.utility import pool_utility, site_utility
+
+    train = data.load_npz(retina_path, "train", channels=3)
+    hospitals = data.make_hospitals(train, 3, "iid", 0.5, 0.3, seed=0)
+    clf = train_classifier(
+        hospitals[0].train.images,
+        hospitals[0].train.labels,
+        5,
+        epochs=8,
+        batch_size=64,
+        lr=1e-3,
+        seed=0,
+    )  # fmt: skip  (fewer epochs leave a class's log-odds within one 0.02 bin: ties)
+    assert clf.body[0].in_channels == 3
+    images = np.concatenate([h.holdout.images for h in hospitals])
+    labels = np.concatenate([h.holdout.labels for h in hospitals])
+    pooled = pool_utility(
+        {h.name: site_utility(clf, h.holdout.images, h.holdout.labels) for h in hospitals}
+    )
+    probs = predict_proba(clf, images)
+    assert pooled["acc"] == pytest.approx(accuracy_score(labels, probs.argmax(1)), abs=1e-12)
+    macro = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    assert pooled["auc"] == pytest.approx(macro, abs=0.005)
+    assert predict_log_odds(clf, images).shape == (len(labels), 5)
+
+    cfg = load_config(["data=retinamnist"])["audit"]
+    h = hospitals[1]
+    twin = np.concatenate([h.train.images[:10], hospitals[2].holdout.images[:30]])
+    site = audit.site_audit(twin, h.train.images, h.holdout.images, cfg)
+    assert site["copies"]["near_copies"] >= 10  # the ten copied training images
+    pooled_audit = audit.pool({h.name: site}, cfg, 28)
+    near = cdist(twin.reshape(40, -1) / 255.0, h.train.images.reshape(len(h.train), -1) / 255.0)
+    assert np.sum(near.min(1) == 0) == 10
+    assert pooled_audit["ssim"]["twin_quantiles"]["0.99"] > 0.99  # the copies, SSIM 1
