@@ -21,10 +21,9 @@ RETINA = SHARED / "retinamnist_28_trainval.npz"  # colour fundus photographs, 5 
 # tests beside them took two to ten times as long, as every Flower message starts a
 # process that imports torch).
 LONGEST = (
-    "test_deploy_node_failure.py",
+    "test_deploy_failures.py",
     "test_demo.py",
     "test_resume.py",
-    "test_deploy_operator_crash.py",
     "test_deploy.py",
     "test_flwr_app.py",
     "test_update_checks.py",
