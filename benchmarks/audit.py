@@ -66,7 +66,8 @@ def part_e(cfg: dict) -> dict:
 def audit_real_as_twin(cfg: dict, hospitals, val) -> dict:
     """The audit's verdict when the "twin" is real val data (never trained on, but from
     the same population): where an honest, perfect generator would land."""
-    from fedtwin.audit import pool, site_audit, summary
+    from fedtwin.audit import site_audit
+    from fedtwin.audit_pool import pool, summary
     from fedtwin.metrics import features, train_classifier
 
     n_classes = len(cfg["data"]["classes"])

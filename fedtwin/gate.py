@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedtwin.audit import summary
+from fedtwin.audit_pool import summary
 from fedtwin.config import class_weights
 from fedtwin.signing import load_signing_key, make_signing_key, sign_twin
 from fedtwin.twin import write_twin

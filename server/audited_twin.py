@@ -6,7 +6,7 @@
 3. one ``query.audit`` message per hospital carries twin and classifier; each hospital
    answers with its audit and utility aggregates (``client_app.audit``), and with
    ``eval.hybrid`` the scores of its own classifiers, on its images alone and with the twin;
-4. the server pools them (``fedtwin.audit.pool``, ``fedtwin.utility.pool_utility``) and
+4. the server pools them (``fedtwin.audit_pool.pool``, ``fedtwin.utility.pool_utility``) and
    writes the twin directory with ``audit.json`` and a manifest holding both;
 5. the gate (``fedtwin.gate``): only a twin that passed, or one the operator overrode
    with a recorded reason, is signed with the consortium's key (``manifest.sig``).
@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedtwin.audit import pool
+from fedtwin.audit_pool import pool
 from fedtwin.config import class_weights, resolve_device
 from fedtwin.gate import consortium_key, final_epsilons, label_counts, write_gated_twin
 from fedtwin.metrics import classifier_from_config

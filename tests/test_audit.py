@@ -9,7 +9,7 @@ import torch
 from scipy.spatial.distance import cdist
 from sklearn.metrics import roc_auc_score
 
-from fedtwin import audit
+from fedtwin import audit, audit_pool, histograms
 from fedtwin.config import load_config
 from fedtwin.data import Split, make_hospitals
 from fedtwin.models.base import TwinGenerator
@@ -62,7 +62,7 @@ def audit_all(twin, hospitals, cfg, embed=None):
         h.name: audit.site_audit(twin, h.train.images, h.holdout.images, cfg, embed=embed)
         for h in hospitals
     }
-    return sites, audit.pool(sites, cfg, twin.shape[1])
+    return sites, audit_pool.pool(sites, cfg, twin.shape[1])
 
 
 def noise_twin(hospitals, n: int, seed: int = 0) -> np.ndarray:
@@ -186,7 +186,7 @@ def test_real_images_the_generator_never_saw_are_not_copies(hospitals, cfg, whic
     site = audit.site_audit(others, h.train.images, h.holdout.images, cfg)
     assert len(others) > 300 and site["copies"]["near_copies"] == 0, site["copies"]
     assert site["copies"]["holdout_flagged"] == 0
-    result = audit.pool({h.name: site}, cfg, 28)
+    result = audit_pool.pool({h.name: site}, cfg, 28)
     assert next(c for c in result["checks"] if "record" in c["check"])["passed"], result["checks"]
 
 
@@ -202,7 +202,7 @@ def test_a_blend_that_is_mostly_one_patient_fails_the_record_check(hospitals, cf
     blends = 0.7 * train[:60] + 0.3 * train[d[:60].argmin(1)]
     twin = np.concatenate([noise_twin(hospitals, 300), blends.round().astype(np.uint8)])
     site = audit.site_audit(twin, h.train.images, h.holdout.images, cfg)
-    result = audit.pool({h.name: site}, cfg, 28)
+    result = audit_pool.pool({h.name: site}, cfg, 28)
     check = next(c for c in result["checks"] if "record" in c["check"])
     assert result["close_to_one_record"]["twin_share"] > 0.1 and not check["passed"], check
     assert result["verdict"] == "fail"
@@ -245,10 +245,10 @@ def test_auc_from_hists_matches_sklearn():
     rng = np.random.default_rng(0)
     pos, neg = rng.integers(0, 50, 300), rng.integers(10, 60, 200)
     edges = np.arange(0, 61) - 0.5  # one bin per integer score
-    auc = audit.auc_from_hists(audit.hist(pos, edges), audit.hist(neg, edges))
+    auc = histograms.auc_from_hists(histograms.hist(pos, edges), histograms.hist(neg, edges))
     truth = np.r_[np.ones(300), np.zeros(200)]
     assert auc == pytest.approx(roc_auc_score(truth, np.r_[pos, neg]), abs=1e-12)
-    lo, hi = audit.auc_interval(auc, 300, 200)
+    lo, hi = histograms.auc_interval(auc, 300, 200)
     assert lo < auc < hi and hi - lo < 0.2
 
 

@@ -173,7 +173,7 @@ def test_five_class_colour_utility_and_audit_pool_to_what_sklearn_gives(retina_p
     from scipy.spatial.distance import cdist
     from sklearn.metrics import accuracy_score, roc_auc_score
 
-    from fedtwin import audit
+    from fedtwin import audit, audit_pool
     from fedtwin.metrics import predict_log_odds, predict_proba, train_classifier
     from fedtwin.utility import pool_utility, site_utility
 
@@ -205,7 +205,7 @@ def test_five_class_colour_utility_and_audit_pool_to_what_sklearn_gives(retina_p
     twin = np.concatenate([h.train.images[:10], hospitals[2].holdout.images[:30]])
     site = audit.site_audit(twin, h.train.images, h.holdout.images, cfg)
     assert site["copies"]["near_copies"] >= 10  # the ten copied training images
-    pooled_audit = audit.pool({h.name: site}, cfg, 28)
+    pooled_audit = audit_pool.pool({h.name: site}, cfg, 28)
     near = cdist(twin.reshape(40, -1) / 255.0, h.train.images.reshape(len(h.train), -1) / 255.0)
     assert np.sum(near.min(1) == 0) == 10
     assert pooled_audit["ssim"]["twin_quantiles"]["0.99"] > 0.99  # the copies, SSIM 1
