@@ -60,6 +60,7 @@ from fedtwin.histograms import (
 )
 from fedtwin.neighbours import closest, nearest
 from fedtwin.ssim import ssim
+from fedtwin.tensors import to_planes
 
 Embed = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W) -> features (N, D)
 
@@ -112,8 +113,7 @@ def deduplicate(train: np.ndarray, holdout: np.ndarray) -> tuple[np.ndarray, np.
 def coarse(images: np.ndarray, size: int) -> np.ndarray:
     """Images averaged down to ``size`` x ``size`` (values in [0, 1]; each colour channel
     on its own), flattened."""
-    x = torch.as_tensor(images, dtype=torch.float64) / 255.0
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    x = to_planes(images).to(torch.float64) / 255.0
     return torch.nn.functional.adaptive_avg_pool2d(x, size).flatten(1).numpy()
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedtwin.tensors import to_planes
+
 K1, K2, SIGMA = 0.01, 0.03, 1.5
 
 
@@ -43,10 +45,9 @@ def ssim(a: np.ndarray, b: np.ndarray, *, chunk: int = 1024) -> np.ndarray:
 
 
 def _ssim(a: np.ndarray, b: np.ndarray, g: torch.Tensor) -> np.ndarray:
-    def planes(x: np.ndarray) -> torch.Tensor:  # (N*C, 1, H, W) in [0, 1]
-        t = torch.as_tensor(x, dtype=torch.float64) / 255.0
-        t = t.unsqueeze(-1) if t.ndim == 3 else t
-        return t.permute(0, 3, 1, 2).reshape(-1, 1, *t.shape[1:3])
+    def planes(x: np.ndarray) -> torch.Tensor:  # each channel an image: (N*C, 1, H, W) in [0, 1]
+        t = to_planes(x).to(torch.float64) / 255.0
+        return t.reshape(-1, 1, *t.shape[2:])
 
     def blur(t: torch.Tensor) -> torch.Tensor:  # the Gaussian mean over each whole window
         t = F.conv2d(t, g.view(1, 1, -1, 1))
