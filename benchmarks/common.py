@@ -51,6 +51,10 @@ def run_demo_command(out: Path, overrides: list[str]) -> dict:
         "federated_utility": {
             k: summary["federated_utility"][k] for k in ("auc", "acc", "n", "per_hospital")
         },
+        # each hospital's own classifier with and without the twin (eval.hybrid), pooled
+        # and per hospital, beside the twin's classifier: does the twin help *this* hospital?
+        "hybrid": summary.get("hybrid"),
+        "per_hospital": summary.get("per_hospital"),
         "rounds_completed": summary["rounds_completed"],
         "epsilon_per_hospital": summary["epsilon_per_hospital"],
         "delta": summary["delta"],

@@ -102,11 +102,26 @@ def demo_line(name: str, r: dict) -> str:
     )
 
 
+def hybrid_lines(per_hospital: dict) -> list[str]:
+    """One line per hospital: its holdout's AUC with its own images alone, with its own
+    images plus the twin, and with the twin alone."""
+    lines = []
+    for name, row in per_hospital.items():
+        figures = " | ".join(
+            f"{kind} {row[kind]['auc']:.3f}"
+            for kind in ("real_only", "hybrid", "twin")
+            if kind in row
+        )
+        lines.append(f"  {name} ({row['holdout']} holdout images): AUC {figures}")
+    return lines
+
+
 def summary_lines(result: dict) -> str:
     lines = []
     for name in ("a_federated", "b_central", "i_epsilon_1"):
         for i, r in enumerate(result.get(name, {}).get("runs", [])):
             lines.append(demo_line(f"{name} run {i + 1}", r))
+            lines.extend(hybrid_lines(r.get("per_hospital") or {}))
     for name in ("g_ddpm",):
         r = result.get(name, {})
         if "tstr" in r:
