@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from fedtwin.catalog.commands import cmd_catalog, cmd_pull, cmd_twins
+from fedtwin.review import commands as review
 
 EPILOG = """examples:
   fedtwin demo --out runs/demo                         # the whole pipeline, simulated hospitals
@@ -24,6 +25,7 @@ EPILOG = """examples:
   fedtwin catalog serve --root catalog --pki pki --signing-key keys/consortium-signing.pem.pub
   fedtwin twins --ca pki/ca.pem --cert pki/alice.pem   # what the catalog offers
   fedtwin pull pneumonia-twin:1 --out twins/pneumonia --ca pki/ca.pem --cert pki/alice.pem
+  fedtwin review serve --db review.sqlite --twin twins/pneumonia --data /srv/archive
 """
 
 
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     pull.add_argument(
         "--limit-rate", type=_rate, help="cap the download rate, bytes/s (e.g. 500k, 2M)"
     )
+
+    review.add_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -377,6 +381,7 @@ COMMANDS = {
     "catalog": cmd_catalog,
     "twins": cmd_twins,
     "pull": cmd_pull,
+    "review": review.cmd_review,
 }
 
 if __name__ == "__main__":
