@@ -44,7 +44,7 @@ class DCGANConfig:
     max_grad_norm: float = MISSING
     latent_dim: int = MISSING
     g_width: int = MISSING
-    d_width: int = MISSING
+    d_width: int | None = None  # None: by image size (fedtwin.models.dcgan.d_width_for)
     d_steps: int = MISSING
     conditioning: str = MISSING
     aux_weight: float = MISSING

@@ -110,13 +110,15 @@ TINY_MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", list(TINY_MODELS))
-@pytest.mark.parametrize(("channels", "size"), [(3, 28), (1, 64)])
+@pytest.mark.parametrize(
+    ("name", "channels", "size"),
+    [(n, c, s) for n in TINY_MODELS for c, s in [(3, 28), (1, 64)]] + [("dcgan", 1, 128)],
+)
 def test_each_generator_trains_with_dp_and_samples_at_its_shape(
     name, channels, size, retina_path, small_real
 ):
     """A DP round on real images (RetinaMNIST in colour at 28 px; PneumoniaMNIST upsampled
-    to 64 px), then a twin of the configured shape."""
+    to 64 px, and to 128 px for the DCGAN), then a twin of the configured shape."""
     n = 120
     if channels == 3:
         real = data.load_npz(retina_path, "train", channels=3)

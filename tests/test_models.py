@@ -39,6 +39,27 @@ def test_unknown_model_names_the_field():
 def test_image_size_must_fit_the_architecture():
     with pytest.raises(ValueError, match="image_size"):
         build_model({"name": "dcgan"}, 2, 30)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        build_model({"name": "dcgan"}, 2, 36)  # 9 px after two halvings: needs three
+
+
+@pytest.mark.parametrize(
+    "size, halved, d_width", [(28, 2, 32), (32, 2, 32), (64, 3, 24), (128, 4, 16), (224, 5, 16)]
+)
+def test_the_dcgan_deepens_with_the_image_size(size, halved, d_width):
+    """Each halving is one stride-2 stage: the generator starts and the discriminator ends
+    at 8 px or less whatever the size, and the discriminator's default width narrows."""
+    from fedtwin.models.dcgan import halvings
+
+    m = build_model({"name": "dcgan", "latent_dim": 8, "g_width": 4}, 2, size)
+    assert halvings(size) == halved and m.generator.base == size // 2**halved <= 8
+    convs = [c for c in m.discriminator.features if isinstance(c, torch.nn.Conv2d)]
+    assert len(convs) == halved and convs[0].out_channels == d_width
+    assert convs[-1].out_channels == d_width * min(2 ** (halved - 1), 8)
+    x = m.sample(torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, size, size)
+    assert m.private_module()(x, torch.tensor([0, 1])).shape == (2, 3)
+    assert ModuleValidator.validate(m.private_module(), strict=False) == []
 
 
 @pytest.mark.parametrize("conditioning, width", [("planes", 1), ("aux", 1 + 3)])

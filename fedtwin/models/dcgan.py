@@ -26,6 +26,37 @@ from fedtwin.features import FeatureConfig, FeatureMap, class_means, moment_loss
 from fedtwin.models.base import TwinGenerator, private_step
 
 UPSAMPLING = ("nearest", "bilinear", "transposed")
+SMALLEST = 8  # px: the generator starts, and the discriminator ends, at this size or less
+MOST_CHANNELS = 8  # channels double at each halving of the resolution, up to 8x the width
+
+
+def halvings(image_size: int) -> int:
+    """Stride-2 stages between ``image_size`` and the smallest feature map (<= 8 px): 2 at
+    28 and 32 px (7 and 8 px), 3 at 56 and 64, 4 at 112 and 128, 5 at 224 (7 px)."""
+    n = 2
+    while image_size / 2**n > SMALLEST:
+        n += 1
+    if image_size % 2**n:
+        raise ValueError(
+            f"data.image_size={image_size}: the DCGAN halves it {n} times to {SMALLEST} px or "
+            f"less, so it must be a multiple of {2**n} (e.g. 28, 32, 64, 128, 224)"
+        )
+    return n
+
+
+def d_width_for(image_size: int) -> int:
+    """The discriminator's default base width at ``image_size``: 32 up to 32 px, 24 at 64,
+    16 beyond. Its deeper stack at larger sizes adds parameters, and DP-SGD adds noise to
+    every one of them while the clipped signal stays the same; narrower layers keep it
+    within about 4x of 28 px's (five classes: 52k parameters; 64 px: 130k, 128 px: 222k,
+    where a width of 32 would give 214k and 787k)."""
+    return 32 if image_size <= 32 else 24 if image_size <= 64 else 16
+
+
+def channels_at(width: int, halved: int) -> int:
+    """Channels of a feature map halved ``halved`` times from the image: ``width`` at the
+    image, doubling per halving, at most ``MOST_CHANNELS`` x ``width``."""
+    return width * min(2**halved, MOST_CHANNELS)
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
@@ -42,7 +73,7 @@ class DCGANConfig:
     channels: int = 1  # 3 for colour
     latent_dim: int = 64
     g_width: int = 16  # generator base channels
-    d_width: int = 32  # discriminator base channels
+    d_width: int | None = None  # discriminator base channels; None: by size (d_width_for)
     lr_g: float = 5e-4
     lr_d: float = 1e-3
     beta1: float = 0.9
@@ -76,28 +107,26 @@ class Generator(nn.Module):
 
     def __init__(self, cfg: DCGANConfig):
         super().__init__()
-        if cfg.image_size % 4:
-            raise ValueError(f"data.image_size must be a multiple of 4, got {cfg.image_size}")
         if cfg.upsample not in UPSAMPLING:
             raise ValueError(f"model.upsample={cfg.upsample!r}: expected one of {UPSAMPLING}")
-        self.base = cfg.image_size // 4
+        n = halvings(cfg.image_size)
+        self.base = cfg.image_size // 2**n
         w = cfg.g_width
+        top = channels_at(w, n)
         self.embed = nn.Embedding(cfg.n_classes, cfg.latent_dim)
         self.fc = nn.Sequential(
-            nn.Linear(2 * cfg.latent_dim, 4 * w * self.base**2),
-            nn.BatchNorm1d(4 * w * self.base**2),
+            nn.Linear(2 * cfg.latent_dim, top * self.base**2),
+            nn.BatchNorm1d(top * self.base**2),
             nn.ReLU(),
         )
-        self.up = nn.Sequential(
-            _upsample(4 * w, 2 * w, cfg.upsample),  # base -> 2 base
-            nn.BatchNorm2d(2 * w),
-            nn.ReLU(),
-            _upsample(2 * w, w, cfg.upsample),  # 2 base -> 4 base
-            nn.BatchNorm2d(w),
-            nn.ReLU(),
-            nn.Conv2d(w, cfg.channels, 3, padding=1),
-            nn.Tanh(),
-        )
+        layers: list[nn.Module] = []
+        for k in range(n, 0, -1):  # base -> 2 base -> ... -> image_size (28 px: 7, 14, 28)
+            layers += [
+                _upsample(channels_at(w, k), channels_at(w, k - 1), cfg.upsample),
+                nn.BatchNorm2d(channels_at(w, k - 1)),
+                nn.ReLU(),
+            ]
+        self.up = nn.Sequential(*layers, nn.Conv2d(w, cfg.channels, 3, padding=1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(torch.cat([z, self.embed(y)], dim=1))
@@ -133,16 +162,18 @@ class Discriminator(nn.Module):
             raise ValueError(
                 f"model.conditioning={cfg.conditioning!r}: expected one of {', '.join(outputs)}"
             )
-        w = cfg.d_width
+        w, n = cfg.d_width or d_width_for(cfg.image_size), halvings(cfg.image_size)
         self.n_classes = k
         self.classifies = cfg.conditioning == "aux"  # class logits after the real/fake one
+        layers: list[nn.Module] = []
+        into = cfg.channels + (not self.classifies) * k
+        for j in range(n):  # S -> S/2 -> ... -> the smallest map (28 px: 14, 7)
+            layers += [nn.Conv2d(into, channels_at(w, j), 4, stride=2, padding=1)]
+            layers += [nn.LeakyReLU(0.2)]
+            into = channels_at(w, j)
+        smallest = cfg.image_size // 2**n
         self.features = nn.Sequential(
-            nn.Conv2d(cfg.channels + (not self.classifies) * k, w, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1),  # S/2 -> S/4
-            nn.LeakyReLU(0.2),
-            nn.Flatten(),
-            nn.Linear(2 * w * (cfg.image_size // 4) ** 2, outputs[cfg.conditioning]),
+            *layers, nn.Flatten(), nn.Linear(into * smallest**2, outputs[cfg.conditioning])
         )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
