@@ -23,7 +23,7 @@ from fedtwin.localnet import free_port, wait_for
 from fedtwin.review.app import make_app
 from fedtwin.review.stats import aggregate, check_aggregate, pool, summarise, wilson
 from fedtwin.review.store import Study
-from fedtwin.signing import make_signing_key, sign_twin, verify_twin
+from fedtwin.signing import load_signing_key, make_signing_key, sign_twin, verify_twin
 from fedtwin.twin import write_twin
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -272,13 +272,21 @@ def test_pooled_figures_equal_one_central_study(consortium, tmp_path):
         check_aggregate(bad, "hospital-0.json")
 
 
-def test_remote_access_needs_the_flag_and_the_access_code(consortium, tmp_path, capsys):
+def test_access_hosts_and_answers_are_checked(consortium, tmp_path, capsys):
     from fastapi.testclient import TestClient
+
+    from fedtwin.review.commands import access
 
     study = _study(tmp_path / "s.sqlite", consortium, "hospital-0", 2)
     assert cli(["review", "serve", "--db", str(study.path), "--host", "0.0.0.0"]) == 2
     assert "--allow-remote" in capsys.readouterr().err
-    client = TestClient(make_app(study, access_code="correct-horse"))
+    assert access("127.0.0.1", False, None) == (None, ["127.0.0.1", "localhost"])
+    (tmp_path / "code").write_text("correct-horse\n")
+    assert access("127.0.0.1", False, tmp_path / "code")[0] == "correct-horse"  # asked for
+    code, hosts = access("0.0.0.0", True, None)
+    assert code and len(code) >= 8 and hosts == ["*"]  # beyond this machine: always a code
+
+    client = TestClient(make_app(study, access_code="correct-horse"), base_url="http://127.0.0.1")
     assert client.get("/read", follow_redirects=False).status_code == 303  # to the login
     assert client.get("/image/anything").status_code == 403
     refused = client.post("/login", data={"name": "carol", "code": "guess"}, follow_redirects=False)
@@ -290,6 +298,45 @@ def test_remote_access_needs_the_flag_and_the_access_code(consortium, tmp_path, 
     assert "carol" in page.text
     token = page.text.split('name="token" value="')[1].split('"')[0]
     assert client.get(f"/image/{token}").content.startswith(b"\x89PNG")
+
+    # a page elsewhere reaching 127.0.0.1 under its own domain (DNS rebinding) is refused
+    foreign = TestClient(make_app(study), base_url="http://attacker.example")
+    assert foreign.post("/login", data={"name": "x"}).status_code == 400
+
+    # bad values are refused with a page, not a server error; only the current image
+    answer = {"token": token, "said": "real", "realism": "3"}
+    for label in ("\u00b2", "0" * 5000, "7", ""):
+        r = client.post("/answer", data={**answer, "label": label})
+        assert r.status_code == 400 and "Choose the class" in r.text
+    other = next(i.token for i in study.order("carol") if i.token != token)
+    r = client.post("/answer", data={**answer, "token": other, "label": "0"})
+    assert r.status_code == 400 and "not the image you are reading" in r.text
+    assert client.post("/answer", data={**answer, "label": "1"}).status_code == 200
+    assert client.post("/answer", data={**answer, "label": "0"}).status_code == 200  # again
+    [mine] = [r for r in study.readings() if r["reader"] == "carol"]
+    assert mine["read_label"] == 1  # the double submit changed nothing
+
+    # logging out ends the session on the server, not only in the browser
+    session = client.cookies.get("fedtwin_review")
+    client.get("/logout")
+    client.cookies.set("fedtwin_review", session)
+    assert client.get("/read", follow_redirects=False).status_code == 303
+
+
+def test_real_and_twin_images_match_in_every_class_and_in_file_size(consortium, tmp_path):
+    from fedtwin.review.store import paired_choice
+
+    study = _study(tmp_path / "s.sqlite", consortium, "hospital-0", 3)
+    with sqlite3.connect(study.path) as con:
+        rows = con.execute("SELECT source, label, length(png) FROM items").fetchall()
+    assert len({n for *_, n in rows}) == 1  # a PNG's size says nothing of its source
+    for c in (0, 1):
+        assert sum(r[:2] == ("real", c) for r in rows) == sum(r[:2] == ("twin", c) for r in rows)
+    real_labels, twin_labels = np.array([0] * 9 + [1] * 2), np.array([0] * 3 + [1] * 9)
+    for n, per_class in ((20, [3, 2]), (4, [1, 1]), (7, [2, 1])):  # short classes; odd n
+        real, twin = paired_choice(real_labels, twin_labels, 2, n, np.random.default_rng(n))
+        assert np.bincount(real_labels[real], minlength=2).tolist() == per_class
+        assert np.bincount(twin_labels[twin], minlength=2).tolist() == per_class
 
 
 def test_pooled_study_goes_into_the_signed_manifest(consortium, tmp_path, capsys):
@@ -306,7 +353,8 @@ def test_pooled_study_goes_into_the_signed_manifest(consortium, tmp_path, capsys
     assert cli([*args, "--signing-key", str(consortium["key"])]) == 0
     manifest = json.loads((twin / "manifest.json").read_text())
     assert manifest["reader_study"]["all"] == json.loads(out.read_text())["all"]
-    assert verify_twin(twin).ok  # signed again over the new manifest
+    trusted = load_signing_key(consortium["key"]).public_key()
+    assert verify_twin(twin, trusted).ok  # signed again over the new manifest, by that key
     pooled = json.loads(out.read_text())
     page = out.with_suffix(".html").read_text()  # the report's section: pooled, per hospital
     assert "<h2>hospital-1</h2>" in page
@@ -321,3 +369,11 @@ def test_pooled_study_goes_into_the_signed_manifest(consortium, tmp_path, capsys
     assert cli(["review", "pool", *map(str, summaries), "--out", str(out), "--twin", str(other),
                 "--signing-key", str(consortium["key"])]) == 2  # fmt: skip
     assert "images.npz" in capsys.readouterr().err  # not the twin they read, or tampered
+
+    (tmp_path / "damaged.json").write_text('{"format": "fedtwin reader study aggregate"')
+    assert cli(["review", "pool", str(tmp_path / "damaged.json"), "--out", str(out)]) == 2
+    assert "damaged.json: not JSON" in capsys.readouterr().err
+    agg = json.loads(summaries[0].read_text())
+    del agg["readers"]
+    with pytest.raises(ValueError, match="'readers' must be a count"):
+        check_aggregate(agg, "hospital-0.json")

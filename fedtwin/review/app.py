@@ -10,17 +10,21 @@ letters shown on the page, Enter to go on.
 from __future__ import annotations
 
 import hmac
+import re
 import string
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Cookie, FastAPI, Form, HTTPException, Request
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from fedtwin.review.store import Study
 
 COOKIE = "fedtwin_review"
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
 TEMPLATES = Jinja2Templates(directory=Path(__file__).with_name("templates"))
 # class keys: letters, leaving R and S (real / synthetic) to their answers
 CLASS_KEYS = [c for c in string.ascii_lowercase if c not in "rs"]
@@ -32,9 +36,18 @@ HEADERS = {
 }
 
 
-def make_app(study: Study, access_code: str | None = None, secure_cookie: bool = False) -> FastAPI:
-    """The app for ``study``; with ``access_code`` a reader must give it to log in."""
+def make_app(
+    study: Study,
+    access_code: str | None = None,
+    secure_cookie: bool = False,
+    allowed_hosts: Sequence[str] = LOCAL_HOSTS,
+) -> FastAPI:
+    """The app for ``study``; with ``access_code`` a reader must give it to log in.
+    Requests for another host name than ``allowed_hosts`` are refused: a web page the
+    reader has open elsewhere cannot reach the app through a domain that resolves to
+    127.0.0.1 (DNS rebinding)."""
     app = FastAPI(title="fedtwin reader study", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     names = study.class_names
     classes = [
         (i, name, CLASS_KEYS[i] if i < len(CLASS_KEYS) else "") for i, name in enumerate(names)
@@ -80,7 +93,8 @@ def make_app(study: Study, access_code: str | None = None, secure_cookie: bool =
         return response
 
     @app.get("/logout")
-    def logout():
+    def logout(session: Annotated[str | None, Cookie(alias=COOKIE)] = None):
+        study.logout(session)  # the session ends here, not only in this browser
         response = RedirectResponse("/?stopped=1", status_code=303)
         response.delete_cookie(COOKIE)
         return response
@@ -118,7 +132,7 @@ def make_app(study: Study, access_code: str | None = None, secure_cookie: bool =
             for what, ok in (
                 ("real or synthetic", said in ("real", "synthetic")),
                 ("realism 1-5", realism in {"1", "2", "3", "4", "5"}),
-                ("the class", label.isdigit() and int(label) < len(names)),
+                ("the class", bool(re.fullmatch(r"[0-9]{1,4}", label)) and int(label) < len(names)),
             )
             if not ok
         ]

@@ -23,9 +23,9 @@ from fedtwin.signing import (
 
 
 def attach(twin: Path, pooled: dict, signing_key: Path | None) -> None:
-    manifest = json.loads((twin / MANIFEST).read_text())
     try:
-        files = manifest_files(manifest)
+        manifest = json.loads((twin / MANIFEST).read_text())
+        files = manifest_files(manifest)  # ValueError unless it lists images.npz
     except ValueError as e:
         raise ValueError(f"{twin / MANIFEST}: {e}") from None
     if files["images.npz"] != pooled["twin_images_sha256"]:

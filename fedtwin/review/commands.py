@@ -63,27 +63,24 @@ def _serve(args) -> int:
     from fedtwin.review.app import make_app
     from fedtwin.review.store import Study
 
-    remote = not ipaddress.ip_address(_host_ip(args.host)).is_loopback
-    if remote and not args.allow_remote:
-        raise ValueError(
-            f"--host {args.host}: this serves the hospital's real images beyond this machine; "
-            "pass --allow-remote to do so (readers then need the access code), preferably with "
-            "--tls-cert/--tls-key"
-        )
+    code, hosts = access(args.host, args.allow_remote, args.access_code_file)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("give both --tls-cert and --tls-key, or neither")
-    study = Study(args.db) if args.db.exists() else _make_study(args)
-    if args.twin and args.db.exists():
+    existed = args.db.exists()
+    study = Study(args.db) if existed else _make_study(args)
+    if args.twin and existed:
         _check_same_twin(study, args.twin)
-    code = None
-    if remote:
-        code = _access_code(args.access_code_file)
     scheme = "https" if args.tls_cert else "http"
-    print(f"fedtwin review: {args.db}: {study.counts()['images']} images", flush=True)
+    images = study.counts()["images"]
+    print(f"fedtwin review: {args.db}: {images['real']} real and {images['twin']} twin images, "
+          "as many of each per class", flush=True)  # fmt: skip
+    if sum(images.values()) < args.images:
+        print(f"fedtwin review: fewer than --images {args.images}: some class has too few real "
+              "or twin images", flush=True)  # fmt: skip
     print(f"fedtwin review: readers open {scheme}://{args.host}:{args.port}/", flush=True)
     if code and not args.access_code_file:
         print(f"fedtwin review: access code: {code}", flush=True)
-    app = make_app(study, access_code=code, secure_cookie=bool(args.tls_cert))
+    app = make_app(study, code, secure_cookie=bool(args.tls_cert), allowed_hosts=hosts)
     uvicorn.run(
         app,
         host=args.host,
@@ -93,6 +90,27 @@ def _serve(args) -> int:
         ssl_keyfile=args.tls_key,
     )
     return 0
+
+
+def access(host: str, allow_remote: bool, code_file: Path | None) -> tuple[str | None, list]:
+    """The access code readers must give (None: none) and the host names the app answers.
+
+    On 127.0.0.1 (the default) the app answers only for 127.0.0.1 and localhost, and asks
+    for a code only if ``code_file`` gives one. Any other address serves the hospital's
+    real images beyond this machine: only with ``allow_remote``, and always with a code.
+    """
+    from fedtwin.review.app import LOCAL_HOSTS
+
+    remote = not ipaddress.ip_address(_host_ip(host)).is_loopback
+    if remote and not allow_remote:
+        raise ValueError(
+            f"--host {host}: this serves the hospital's real images beyond this machine; "
+            "pass --allow-remote to do so (readers then need the access code), preferably with "
+            "--tls-cert/--tls-key"
+        )
+    code = _access_code(code_file) if remote or code_file else None
+    hosts = ["*"] if remote else sorted({*LOCAL_HOSTS, host})  # "*": the code guards it
+    return code, hosts
 
 
 def _host_ip(host: str) -> str:
@@ -121,13 +139,22 @@ def _twin(twin: Path) -> tuple[dict, str, tuple]:
 
     from fedtwin.signing import sha256_file
 
-    manifest_path = twin / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: not a twin folder (no manifest.json)")
-    with np.load(twin / "images.npz") as z:
-        images, labels = z["train_images"], z["train_labels"].reshape(-1)
-    manifest = json.loads(manifest_path.read_text())
-    return manifest, sha256_file(twin / "images.npz"), (images, labels)
+    manifest_path, npz = twin / "manifest.json", twin / "images.npz"
+    for path in (manifest_path, npz):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; --twin is a twin's folder")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        cfg = manifest["config"]  # what making the study reads:
+        _ = cfg["data"]["image_size"], cfg["data"]["classes"], cfg["federation"]["holdout_fraction"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{manifest_path}: not a fedtwin twin's manifest ({e!r})") from None
+    try:
+        with np.load(npz) as z:
+            images, labels = z["train_images"], z["train_labels"].reshape(-1)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{npz}: not a twin's images (train_images, train_labels): {e}") from None
+    return manifest, sha256_file(npz), (images, labels)
 
 
 def _check_same_twin(study, twin: Path) -> None:
@@ -174,6 +201,12 @@ def _summary(args) -> int:
     write_json(args.out, agg)
     print(json.dumps(agg, indent=1))
     print(f"fedtwin review: this is all that leaves the hospital: {args.out}", file=sys.stderr)
+    if agg["readers"] < 2:
+        print(
+            f"fedtwin review: {agg['readers']} reader: these counts are that reader's own "
+            "performance, under the hospital's name; consider waiting for more readers",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -181,11 +214,13 @@ def _pool(args) -> int:
     from fedtwin.jsonio import write_json
     from fedtwin.review.stats import check_aggregate, pool
 
+    if args.out.suffix.lower() != ".json":
+        raise ValueError(f"--out {args.out}: give a .json path (the page goes beside it, .html)")
     aggregates = []
     for path in args.summaries:
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not JSON ({e})") from None
         aggregates.append(check_aggregate(raw, str(path)))
     pooled = pool(aggregates)

@@ -16,6 +16,7 @@ image, are not, so it is narrower than it should be when few readers read few im
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 from fedtwin.review.store import Study
@@ -23,6 +24,7 @@ from fedtwin.review.store import Study
 FORMAT = "fedtwin reader study aggregate"
 SOURCES = ("real", "twin")
 Z95 = 1.959963984540054
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _empty() -> dict:
@@ -112,14 +114,29 @@ def check_aggregate(agg: object, where: str) -> dict:
     checked, so a damaged or foreign file is named, not half-pooled."""
     if not isinstance(agg, dict) or agg.get("format") != FORMAT:
         raise ValueError(f"{where}: not a reader study aggregate (`fedtwin review summary`)")
+    hospital, images, sha = agg.get("hospital"), agg.get("images"), agg.get("twin_images_sha256")
+    if not isinstance(hospital, str) or not hospital:
+        raise ValueError(f"{where}: 'hospital' must name the hospital")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ValueError(f"{where}: 'twin_images_sha256' must be 64 lowercase hex digits")
+    if not _count(agg.get("readers")):
+        raise ValueError(f"{where}: 'readers' must be a count")
+    if not (
+        isinstance(images, dict)
+        and set(images) == set(SOURCES)
+        and all(_count(v) for v in images.values())
+    ):
+        raise ValueError(f"{where}: 'images' must give the counts of real and twin images")
     names = agg.get("class_names")
     per_class = agg.get("per_class")
     if (
         not isinstance(names, list)
+        or not all(isinstance(n, str) for n in names)
+        or len(set(names)) != len(names)
         or not isinstance(per_class, dict)
         or set(per_class) != set(names)
     ):
-        raise ValueError(f"{where}: class_names and per_class do not match")
+        raise ValueError(f"{where}: class_names (distinct names) and per_class do not match")
     for name, cell in per_class.items():
         for source in SOURCES:
             c = cell.get(source) if isinstance(cell, dict) else None

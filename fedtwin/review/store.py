@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE TABLE IF NOT EXISTS readers (
     name TEXT PRIMARY KEY, seed INTEGER NOT NULL, created REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS sessions (token TEXT PRIMARY KEY, reader TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    token TEXT PRIMARY KEY, reader TEXT NOT NULL, created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS readings (
     reader TEXT NOT NULL,
     item INTEGER NOT NULL REFERENCES items(id),
@@ -45,6 +47,7 @@ CREATE TABLE IF NOT EXISTS readings (
 """
 
 MAX_NAME = 64  # a reader's name: what the login form accepts
+SESSION_S = 12 * 3600  # a login lasts a working day; then the reader gives their name again
 
 
 @dataclass(frozen=True)
@@ -54,27 +57,33 @@ class Item:
 
 
 def png(image: np.ndarray) -> bytes:
-    """An (H, W) or (H, W, 3) uint8 image as PNG bytes, with no metadata."""
+    """An (H, W) or (H, W, 3) uint8 image as PNG bytes, with no metadata and no
+    compression: the length depends on the shape alone, so a real image's file cannot be
+    told from a twin image's by its size (compressed, smoother twins were smaller)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    image.save(buf, format="PNG", compress_level=0)
     return buf.getvalue()
 
 
-def per_class_choice(
-    labels: np.ndarray, n_classes: int, n: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Indices of up to ``n`` images, as evenly over the classes as ``labels`` allows."""
-    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(n_classes)]
-    chosen: list[int] = []
+def paired_choice(
+    real_labels: np.ndarray, twin_labels: np.ndarray, n_classes: int, n: int, rng
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of real and of twin images, as many of each in every class (so that 0.5 is
+    chance in every class, not only overall), up to ``n`` in all, spread as evenly over the
+    classes as the scarcer source allows."""
+    real = [rng.permutation(np.flatnonzero(real_labels == c)) for c in range(n_classes)]
+    twin = [rng.permutation(np.flatnonzero(twin_labels == c)) for c in range(n_classes)]
+    pairs = [min(len(r), len(t)) for r, t in zip(real, twin, strict=True)]
     taken = [0] * n_classes
-    while len(chosen) < n and any(taken[c] < len(pools[c]) for c in range(n_classes)):
+    while 2 * sum(taken) + 2 <= n and any(taken[c] < pairs[c] for c in range(n_classes)):
         for c in range(n_classes):
-            if len(chosen) < n and taken[c] < len(pools[c]):
-                chosen.append(int(pools[c][taken[c]]))
+            if 2 * sum(taken) + 2 <= n and taken[c] < pairs[c]:
                 taken[c] += 1
-    return np.array(sorted(chosen), dtype=np.int64)
+    pick = [np.concatenate([src[c][: taken[c]] for c in range(n_classes)]) for src in (real, twin)]
+    return pick[0].astype(np.int64), pick[1].astype(np.int64)
 
 
 class Study:
@@ -87,9 +96,7 @@ class Study:
             raise FileNotFoundError(
                 f"{self.path}: no reader study here; `fedtwin review serve` makes one"
             )
-        with self._db() as db:
-            if db.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 0:
-                raise ValueError(f"{self.path}: the study has no images")
+        self._open()
 
     @classmethod
     def create(
@@ -102,22 +109,30 @@ class Study:
         seed: int,
         twin_sha256: str,
     ) -> Study:
-        """A new study of ``n_images`` images, half the hospital's (``real``), half the
-        twin's, each half spread evenly over the classes. ``twin_sha256`` names the twin:
-        the sha256 of its ``images.npz``, as its manifest lists it."""
+        """A new study of up to ``n_images`` images, half the hospital's (``real``), half
+        the twin's, as many of each in every class (``paired_choice``; fewer images when a
+        class is short of either). ``twin_sha256`` names the twin: the sha256 of its
+        ``images.npz``, as its manifest lists it."""
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path}: already exists")
         if n_images < 2:
             raise ValueError(f"--images {n_images}: a study needs at least 2 images")
+        if real[0].shape[1:] != twin[0].shape[1:]:
+            raise ValueError(
+                f"the hospital's images are {real[0].shape[1:]} and the twin's "
+                f"{twin[0].shape[1:]}: a reader would tell them apart by their shape"
+            )
         rng = np.random.default_rng(seed)
+        real_labels, twin_labels = (np.asarray(x[1]).reshape(-1) for x in (real, twin))
+        picks = paired_choice(real_labels, twin_labels, len(class_names), n_images, rng)
+        if len(picks[0]) == 0:
+            raise ValueError("no class has both real and twin images to show")
         rows = []
-        for source, (images, labels), n in (
-            ("real", real, n_images // 2),
-            ("twin", twin, n_images - n_images // 2),
+        for source, (images, labels), index in zip(
+            ("real", "twin"), ((real[0], real_labels), (twin[0], twin_labels)), picks, strict=True
         ):
-            labels = np.asarray(labels).reshape(-1)
-            for i in per_class_choice(labels, len(class_names), n, rng):
+            for i in index:
                 rows.append((source, int(labels[i]), png(images[i])))
         order = rng.permutation(len(rows))  # ids say nothing of the source either
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +154,17 @@ class Study:
         db = sqlite3.connect(self.path, timeout=30)
         db.execute("PRAGMA foreign_keys = ON")
         return db
+
+    def _open(self) -> None:
+        """Check that the file is a study (a clear error, not sqlite's, if it is not)."""
+        try:
+            with self._db() as db:
+                n = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+                db.execute("SELECT COUNT(*) FROM readings, sessions, study LIMIT 1")
+        except sqlite3.Error as e:
+            raise ValueError(f"{self.path}: not a fedtwin reader study ({e})") from None
+        if n == 0:
+            raise ValueError(f"{self.path}: the study has no images")
 
     def meta(self, key: str) -> str:
         with self._db() as db:
@@ -169,13 +195,19 @@ class Study:
                 "INSERT OR IGNORE INTO readers VALUES (?, ?, ?)",
                 (name, secrets.randbelow(2**62), time.time()),
             )
-            db.execute("INSERT INTO sessions VALUES (?, ?)", (token, name))
+            db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (token, name, time.time()))
         return token
 
+    def logout(self, session: str | None) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM sessions WHERE token = ?", (session or "",))
+
     def reader_of(self, session: str | None) -> str | None:
+        """The reader logged in with ``session``; None if unknown, ended or expired."""
         if not session:
             return None
         with self._db() as db:
+            db.execute("DELETE FROM sessions WHERE created < ?", (time.time() - SESSION_S,))
             row = db.execute("SELECT reader FROM sessions WHERE token = ?", (session,)).fetchone()
         return None if row is None else row[0]
 
@@ -200,18 +232,27 @@ class Study:
         return following, len(done), len(order)
 
     def record(self, reader: str, token: str, said_real: bool, realism: int, label: int) -> None:
-        """One reading. A second answer to the same image (a double submit) is ignored."""
+        """The reader's answer for the image they are reading (their next unanswered one).
+        A second answer to an image already answered (a double submit) is ignored."""
         if not 1 <= realism <= 5:
             raise ValueError(f"realism {realism}: expected 1 to 5")
         if not 0 <= label < len(self.class_names):
             raise ValueError(f"class {label}: expected 0 to {len(self.class_names) - 1}")
+        following, _, _ = self.next_item(reader)
+        if following is None or token != following.token:
+            with self._db() as db:
+                done = db.execute(
+                    "SELECT 1 FROM readings r JOIN items i ON i.id = r.item "
+                    "WHERE r.reader = ? AND i.token = ?",
+                    (reader, token),
+                ).fetchone()
+            if done:
+                return
+            raise ValueError("that is not the image you are reading; here is your next one")
         with self._db() as db:
-            row = db.execute("SELECT id FROM items WHERE token = ?", (token,)).fetchone()
-            if row is None:
-                raise ValueError("no such image in this study")
             db.execute(
                 "INSERT OR IGNORE INTO readings VALUES (?, ?, ?, ?, ?, ?)",
-                (reader, row[0], int(said_real), realism, label, time.time()),
+                (reader, following.id, int(said_real), realism, label, time.time()),
             )
 
     def readings(self) -> list[dict]:
