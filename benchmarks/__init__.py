@@ -1,8 +1,10 @@
 """Benchmark fedtwin and write the figures to one JSON file.
 
   (a) the demo's setting: 4 hospitals, Dirichlet alpha 0.5, epsilon 10, delta 1e-5:
-      TSTR/TRTR on val, Fréchet distance, precision/recall/density/coverage, wall time
-      (runs the `fedtwin demo` command; --runs independent runs, all kept)
+      TSTR/TRTR on val, Fréchet distance, precision/recall/density/coverage, wall time,
+      and per hospital its holdout scored by the twin's classifier and by its own trained
+      on its images alone and with the twin (hybrid) (runs the `fedtwin demo` command;
+      --runs independent runs, all kept)
   (b) the same generator and plan trained centrally: one hospital holding all the data
       (--runs runs)
   (i) the demo's setting at epsilon 1 (--eps1-runs runs)
@@ -25,7 +27,8 @@
       round against the same local compute alone (overhead ratio), and the bytes sent per
       round to and from each hospital
   (j) image size and colour: seconds per DP step of each generator at 28 and 64 px, grey
-      and colour, and the ratio to 28 px grey
+      and colour, and of the DCGAN at 128 px; the ratio to 28 px grey and the private
+      module's parameter count
 
 One module per part: twin_quality (a, b, i), baseline (c), throughput (d), audit (e),
 catalog (f), diffusion (g), deployment (h), image_size (j); common holds what several
