@@ -230,7 +230,7 @@ def _pool(args) -> int:
     a = pooled["all"]
     low, high = a["accuracy_ci95"]
     print(
-        f"fedtwin review: {pooled['readers']} readers at {pooled['hospitals']} hospitals, "
+        f"fedtwin review: {pooled['readers']} reader(s) at {pooled['hospitals']} hospital(s), "
         f"{a['readings']} readings: real vs synthetic accuracy "
         f"{a['real_vs_synthetic_accuracy']:.2f} "
         f"(95 % CI {low:.2f}-{high:.2f}; 0.5 = cannot tell), realism real {a['realism_real']:.2f} "
