@@ -62,13 +62,10 @@ def make_app(
     def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
         return TEMPLATES.TemplateResponse(request, name, context, status_code=status)
 
-    def reader_or_none(session: str | None) -> str | None:
-        return study.reader_of(session)
-
     @app.get("/", response_class=HTMLResponse)
     def start(request: Request, session: Annotated[str | None, Cookie(alias=COOKIE)] = None):
         return page(
-            request, "start.html", reader=reader_or_none(session), need_code=bool(access_code)
+            request, "start.html", reader=study.reader_of(session), need_code=bool(access_code)
         )
 
     @app.post("/login")
@@ -110,7 +107,7 @@ def make_app(
 
     @app.get("/read", response_class=HTMLResponse)
     def read(request: Request, session: Annotated[str | None, Cookie(alias=COOKIE)] = None):
-        reader = reader_or_none(session)
+        reader = study.reader_of(session)
         if reader is None:
             return RedirectResponse("/", status_code=303)
         return read_page(request, reader)
@@ -124,7 +121,7 @@ def make_app(
         realism: Annotated[str, Form()] = "",
         label: Annotated[str, Form()] = "",
     ):
-        reader = reader_or_none(session)
+        reader = study.reader_of(session)
         if reader is None:
             return RedirectResponse("/", status_code=303)
         missing = [
@@ -146,7 +143,7 @@ def make_app(
 
     @app.get("/image/{token}")
     def image(token: str, session: Annotated[str | None, Cookie(alias=COOKIE)] = None):
-        if reader_or_none(session) is None:
+        if study.reader_of(session) is None:
             raise HTTPException(status_code=403, detail="log in first")
         data = study.image(token)
         if data is None:
