@@ -19,9 +19,10 @@ from scipy.stats import binomtest
 
 from fedtwin.cli import main as cli
 from fedtwin.config import load_config
+from fedtwin.histograms import wilson_interval as wilson
 from fedtwin.localnet import free_port, wait_for
 from fedtwin.review.app import make_app
-from fedtwin.review.stats import aggregate, check_aggregate, pool, summarise, wilson
+from fedtwin.review.stats import aggregate, check_aggregate, pool, summarise
 from fedtwin.review.store import Study
 from fedtwin.signing import load_signing_key, make_signing_key, sign_twin, verify_twin
 from fedtwin.twin import write_twin

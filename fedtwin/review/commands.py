@@ -249,11 +249,9 @@ def render_pooled(pooled: dict) -> str:
     """The pooled reader study as an HTML page (the report's reader-study section)."""
     import math
 
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
+    from fedtwin.review.app import TEMPLATES
 
-    env = Environment(
-        loader=FileSystemLoader(Path(__file__).with_name("templates")),
-        autoescape=select_autoescape(),
-    )
-    env.globals["fmt"] = lambda v: "–" if v is None or math.isnan(v) else f"{v:.2f}"
-    return env.get_template("pooled.html").render(p=pooled)
+    def fmt(v) -> str:
+        return "–" if v is None or math.isnan(v) else f"{v:.2f}"
+
+    return TEMPLATES.get_template("pooled.html").render(p=pooled, fmt=fmt)

@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
+from fedtwin.histograms import wilson_interval
 from fedtwin.review.store import Study
 
 FORMAT = "fedtwin reader study aggregate"
@@ -53,16 +54,6 @@ def aggregate(study: Study, hospital: str) -> dict:
     }
 
 
-def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion (nan, nan for no trials)."""
-    if n == 0:
-        return math.nan, math.nan
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def _sum(cells: Sequence[Mapping]) -> dict:
     out = _empty()
     for c in cells:
@@ -82,7 +73,7 @@ def figures(real: Mapping, twin: Mapping) -> dict:
     """The reader figures of one cell (a class, or all classes) from its counts."""
     n = real["readings"] + twin["readings"]
     correct = real["called_real"] + (twin["readings"] - twin["called_real"])
-    low, high = wilson(correct, n)
+    low, high = wilson_interval(correct, n, Z95)
 
     def share(k: int, m: int) -> float:
         return k / m if m else math.nan
