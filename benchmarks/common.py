@@ -62,9 +62,25 @@ def run_demo_command(out: Path, overrides: list[str]) -> dict:
         "trtr": classifier_scores(ev["trtr"]),
         "frechet": ev["frechet"],
         "manifold": ev["manifold"],
+        "realism": realism_figures(ev["realism"]),
+        "quality": summary["quality"],
         "generator_rounds": summary.get("generator_rounds"),
         "last_round_alone": last_round_alone(out) if LAST_ROUND_ALONE else None,
         "output": str(out),
+    }
+
+
+def realism_figures(realism: dict) -> dict:
+    """The realism figures a benchmark keeps: the two-sample test and its floor, the
+    spectral distance and its floor (not the spectra nor the image indices)."""
+    ts, sp = realism["two_sample"], realism["spectrum"]
+    floor = sp["distance_floor_train_val"]
+    return {
+        "c2st": ts["twin_vs_real"],
+        "c2st_floor": ts["real_vs_real_floor"],
+        "spectral_distance": sp["distance_twin_val"],
+        "spectral_floor": floor,
+        "spectral_over_floor": sp["distance_twin_val"] / floor if floor > 0 else None,
     }
 
 
@@ -88,7 +104,7 @@ def last_round_alone(out: Path) -> dict | None:
     manifest = json.loads((out / "twin" / "manifest.json").read_text())
     if len(manifest.get("generator_rounds", [])) < 2:
         return None
-    cfg = manifest["config"]
+    cfg = json.loads((out / "config.json").read_text())  # the manifest's holds no local paths
     train, val, _ = load_real_data(cfg)
     real = pooled_train(simulate_hospitals(cfg, train))
     [(done, weights)] = recent_global_models(out, read_history(out), 1)
@@ -120,6 +136,8 @@ def repeated(out: Path, overrides: list[str], runs: int) -> dict:
         "tstr_acc": [r["tstr"]["acc_mean"] for r in results],
         "coverage": [r["manifold"]["twin"]["coverage"] for r in results],
         "precision": [r["manifold"]["twin"]["precision"] for r in results],
+        "c2st_auc": [r["realism"]["c2st"]["auc"] for r in results],
+        "spectral_over_floor": [r["realism"]["spectral_over_floor"] for r in results],
         "frechet_over_floor": [
             r["frechet"]["twin_vs_val"] / r["frechet"]["train_vs_val_floor"] for r in results
         ],

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from fedtwin.catalog.commands import cmd_catalog, cmd_pull, cmd_twins
+from fedtwin.ranges import SEED
 from fedtwin.review import commands as review
 
 EPILOG = """examples:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--partition", choices=["iid", "dirichlet"], default="dirichlet")
     make.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     make.add_argument("--holdout", type=float, default=0.2, help="holdout fraction per hospital")
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=SEED.argument, default=0)
     make.add_argument("--out", required=True, type=Path)
     make.add_argument(
         "--force", action="store_true", help="replace hospital-N archives already in --out"
@@ -264,6 +265,17 @@ def cmd_demo(args) -> int:
         f"federated utility (twin classifier on the hospitals' holdouts): "
         f"AUC {fu['auc']:.3f} ACC {fu['acc']:.3f}"
     )
+    two_sample = ev["realism"]["two_sample"]
+    test, floor = two_sample["twin_vs_real"], two_sample["real_vs_real_floor"]
+    spectrum = ev["realism"]["spectrum"]
+    print(
+        f"realism: a CNN tells twin from real val images with AUC {test['auc']:.3f} "
+        f"[{test['low']:.3f}, {test['high']:.3f}] (real vs real: {floor['auc']:.3f}; 0.5 = "
+        f"cannot tell) | spectral distance {spectrum['distance_twin_val']:.3f} "
+        f"(real floor {spectrum['distance_floor_train_val']:.3f})"
+    )
+    for warning in summary["quality"]["warnings"]:
+        print(f"WARNING: {warning}")
     return 0
 
 

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from fedtwin import schema
 
-ACCOUNTANTS = ("rdp", "prv")  # the Opacus accountants fedtwin plans and accounts with
+ACCOUNTANTS = schema.CHOICES["privacy.accountant"]  # the Opacus accountants fedtwin uses
 
 
 def load_config(overrides: list[str] | None = None) -> dict[str, Any]:
@@ -119,58 +119,133 @@ def check_federation(cfg: Mapping[str, Any]) -> None:
 
 def check_config(cfg: Mapping[str, Any]) -> None:
     """Refuse a config no run could use, before anything starts: one ValueError, one line,
-    naming every setting that is wrong and what it must be."""
-    problems = []
+    naming every setting that is wrong and what it must be. Each number's range and each
+    word's choices are in ``fedtwin.schema`` (``RANGES``, ``CHOICES``); the settings that
+    must agree with one another are checked here."""
+    problems = _value_problems(cfg) + _relation_problems(cfg)
+    if problems:
+        raise ValueError("config: " + "; ".join(problems))
+    check_federation(cfg)
 
-    def need(key: str, ok, expected: str) -> None:
-        node: Any = cfg
-        for part in key.split("."):
-            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
-        if node is _MISSING:
-            problems.append(f"{key} is missing")
-        elif not ok(node):
-            problems.append(f"{key}={node!r}: {expected}")
 
-    if cfg.get("privacy", {}).get("enabled", True):
-        need("privacy.epsilon", _positive, "must be a positive number, e.g. 10")
-        need("privacy.delta", lambda v: _number(v) and 0 < v < 1, "must lie in (0, 1), e.g. 1e-5")
-        need("privacy.max_grad_norm", _positive, "must be a positive number, e.g. 20")
-        need("privacy.label_noise", lambda v: _number(v) and v >= 0, "must be a number >= 0")
-        need("privacy.feature_share", lambda v: _number(v) and 0 < v < 1, "must lie in (0, 1)")
-    need("privacy.enabled", lambda v: isinstance(v, bool), "must be true or false")
-    need("privacy.accountant", lambda v: v in ACCOUNTANTS, f"must be {' or '.join(ACCOUNTANTS)}")
-    for key in ("hospitals", "rounds", "local_steps", "batch_size", "min_hospitals"):
-        need(f"federation.{key}", _whole, "must be a whole number >= 1")
-    need("federation.partition", lambda v: v in ("iid", "dirichlet"), "must be iid or dirichlet")
-    need("federation.alpha", _positive, "must be a positive number, e.g. 0.5")
-    need("federation.holdout_fraction", lambda v: _number(v) and 0 <= v < 1, "must lie in [0, 1)")
-    need("federation.max_update_norm", _positive, "must be a positive number")
-    need("twin.size", _whole, "must be a whole number >= 1")
-    need("twin.checkpoints", _whole, "must be a whole number >= 1")
-    need(
-        "federation.warm_start_steps", lambda v: _whole(v) or v == 0, "must be a whole number >= 0"
+def _value_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """Each setting on its own: its range, its choices, the class names, data.path."""
+    problems = _problem(
+        cfg, "privacy.enabled", lambda v: isinstance(v, bool), "must be true or false"
     )
-    need(
-        "twin.label_mix",
-        lambda v: v in ("federation", "balanced"),
-        "must be federation or balanced",
-    )
-    need("data.image_size", _whole, "must be a whole number >= 1")
-    need("device", lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda")
+    dp = _get(cfg, "privacy.enabled") is not False
+    for key, allowed in schema.RANGES.items():
+        if dp or not key.startswith("privacy."):  # without DP, epsilon & co. are not used
+            problems += _problem(cfg, key, allowed.admits, allowed.describe())
+    for key, options in schema.CHOICES.items():
+        problems += _problem(cfg, key, lambda v, o=options: v in o, f"must be {_either(options)}")
+    problems += _problem(
+        cfg, "data.classes", _class_names,
+        "must be a list of two or more different class names, e.g. [normal, pneumonia]",
+    )  # fmt: skip
+    problems += _problem(
+        cfg, "data.path", lambda v: not v or not special_file(v),
+        "is not a regular file or folder (a device, pipe or socket); give a MedMNIST .npz or "
+        "a DICOM folder",
+    )  # fmt: skip
     try:
         class_weights(cfg)
     except ValueError as e:
         problems.append(str(e))
-    fed = cfg.get("federation", {})
-    if _whole(fed.get("min_hospitals")) and _whole(fed.get("hospitals")):
-        if fed["min_hospitals"] > fed["hospitals"]:
+    return problems
+
+
+def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """Settings that are each in range but cannot go together (checked only where each is)."""
+    problems = []
+    if _valid(cfg, "federation.min_hospitals", "federation.hospitals"):
+        least, hospitals = _get(cfg, "federation.min_hospitals"), _get(cfg, "federation.hospitals")
+        if least > hospitals:
             problems.append(
-                f"federation.min_hospitals={fed['min_hospitals']}: more than "
-                f"federation.hospitals={fed['hospitals']}, so no round could ever start"
+                f"federation.min_hospitals={least}: more than federation.hospitals={hospitals}, "
+                "so no round could ever start"
             )
-    if problems:
-        raise ValueError("config: " + "; ".join(problems))
-    check_federation(cfg)
+    if _valid(cfg, "model.sample_steps", "model.timesteps"):
+        steps, timesteps = _get(cfg, "model.sample_steps"), _get(cfg, "model.timesteps")
+        if steps > timesteps:
+            problems.append(
+                f"model.sample_steps={steps}: more than model.timesteps={timesteps}; lower it"
+            )
+    if _valid(cfg, "model.features.features", "model.features.scales"):
+        features, scales = _get(cfg, "model.features.features"), _get(cfg, "model.features.scales")
+        if features < 2 * len(scales):
+            problems.append(
+                f"model.features.features={features}: too few for {len(scales)} scales; give "
+                f"at least {2 * len(scales)}"
+            )
+    if _valid(cfg, "data.image_size"):
+        problems += _image_size_problems(cfg, _get(cfg, "data.image_size"))
+    return problems
+
+
+def _image_size_problems(cfg: Mapping[str, Any], size: int) -> list[str]:
+    """What must fit ``data.image_size``: the generator's halvings, the audit's coarse
+    grid, the feature map's scales and patch."""
+    from fedtwin.models import check_image_size
+
+    problems = []
+    try:
+        check_image_size(str(_get(cfg, "model.name")), size)
+    except ValueError as e:
+        problems.append(str(e))
+    for key in ("audit.copy_coarse", "model.features.patch"):
+        if _valid(cfg, key) and _get(cfg, key) > size:
+            problems.append(f"{key}={_get(cfg, key)}: larger than data.image_size={size}")
+    if _valid(cfg, "model.features.scales"):
+        for scale in _get(cfg, "model.features.scales"):
+            if size % scale:
+                problems.append(
+                    f"model.features.scales: {scale} does not divide data.image_size={size}"
+                )
+    return problems
+
+
+def _problem(cfg: Mapping[str, Any], key: str, ok, expected: str) -> list[str]:
+    """``["key=value: expected"]`` when ``ok(value)`` is false, ``["key is missing"]`` when
+    it is absent (a ``model.*`` key may be: each generator has its own), else ``[]``."""
+    value = _get(cfg, key)
+    if value is _MISSING:
+        return [] if key.startswith("model.") else [f"{key} is missing"]
+    return [] if ok(value) else [f"{key}={value!r}: {expected}"]
+
+
+def _get(cfg: Mapping[str, Any], key: str) -> Any:
+    """The setting of dotted name ``key``, or ``_MISSING``."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+    return node
+
+
+def _valid(cfg: Mapping[str, Any], *keys: str) -> bool:
+    """Whether every one of ``keys`` is present and in its range."""
+    return all(schema.RANGES[k].admits(_get(cfg, k)) for k in keys)
+
+
+def _either(options: tuple) -> str:
+    words = [str(o) for o in options]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _class_names(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) >= 2
+        and all(isinstance(c, str) and c.strip() for c in value)
+        and len(set(value)) == len(value)
+    )
+
+
+def special_file(path: str | Path) -> bool:
+    """Whether ``path`` exists but is neither a regular file nor a folder (``/dev/zero``, a
+    pipe, a socket): nothing to read images from, and reading it may never end."""
+    path = Path(path).expanduser()
+    return path.exists() and not (path.is_file() or path.is_dir())
 
 
 def class_weights(cfg: Mapping[str, Any]) -> list[float]:
@@ -195,18 +270,6 @@ _MISSING = object()
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive(value: Any) -> bool:
-    return _number(value) and value > 0
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def resolve_device(name: str) -> str:

@@ -107,7 +107,8 @@ def load_npz(path: str | Path, split: str = "train", channels: int | None = 1) -
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file; pass data.path=/path/to/a MedMNIST .npz")
+        what = "not a regular file" if path.exists() else "no such file"
+        raise DataError(f"{path}: {what}; pass data.path=/path/to/a MedMNIST .npz")
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not an .npz (zip) file; expected a MedMNIST-format .npz")
     wanted = (f"{split}_images", f"{split}_labels")

@@ -7,6 +7,7 @@ listed with their MD5 in its config, ``conf/data/<name>.yaml`` (``data.sources``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -109,9 +110,16 @@ def download(
     url, md5 = source(data, size)
     cache = Path(cache)
     target = cache / file_name(name, size)
-    if target.is_file() and md5sum(target) == md5:
+    cached = md5sum(target) if target.is_file() else None
+    if cached == md5:
         return target
-    offline_hint = f"Put the MedMNIST file at {target} or pass data.path=/path/to/{target.name}"
+    if cache.exists() and not cache.is_dir():
+        raise DataError(
+            f"the download cache {cache} is a file, not a folder: set data.cache_dir or "
+            f"$FEDTWIN_CACHE to a folder (or move that file away), or pass "
+            f"data.path=/path/to/{target.name}"
+        )
+    offline_hint = _offline_hint(target, cached, md5)
     tmp = cache / f".{target.stem}.{os.getpid()}.part"  # per process: parallel runs don't collide
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -136,8 +144,21 @@ def download(
             f"or $FEDTWIN_CACHE to a writable folder. {offline_hint}"
         ) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # in a cache that is a file there is no .part
+            tmp.unlink(missing_ok=True)
     return target
+
+
+def _offline_hint(target: Path, cached: str | None, md5: str) -> str:
+    """What to do when the official file cannot be downloaded into ``target``, whose cached
+    copy has MD5 ``cached`` (None: there is none)."""
+    put = f"put the MedMNIST file at {target} or pass data.path=/path/to/{target.name}"
+    if cached is None:
+        return put[0].upper() + put[1:]
+    return (
+        f"The file already at {target} is not the published one (MD5 {cached}, expected {md5}: "
+        f"damaged, or another release): remove it, then {put}"
+    )
 
 
 def _fetch(url: str, out, name: str, progress: bool) -> None:
@@ -161,6 +182,11 @@ def resolve_data_path(data: Mapping[str, Any], *, progress: bool = True) -> Path
             raise DataError(
                 f"data.path={given}: no such file or folder; give an existing MedMNIST .npz "
                 "or DICOM folder, or leave data.path unset to use the download"
+            )
+        if not (given.is_file() or given.is_dir()):
+            raise DataError(
+                f"data.path={given}: not a regular file or folder (a device, pipe or socket); "
+                "give a MedMNIST .npz or DICOM folder"
             )
         return given
     wanted, sizes = int(data["image_size"]), published_sizes(data)

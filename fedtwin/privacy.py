@@ -212,8 +212,39 @@ def _refuse_if_spent(
         )
 
 
+MAX_NOISE = 1e6  # a noise multiplier or std beyond this: no plan could use it
+
+
+def _feature_spent(
+    noise: float, *, delta: float, label_noise: float, accountant: str, prior: tuple
+) -> float:
+    """Epsilon after ``prior``, the class counts and a feature release of std ``noise``."""
+    plan = [*prior, label_release(label_noise), label_release(noise)]
+    return epsilon_spent(plan, delta, accountant)
+
+
+def _feature_allowed(
+    share: float, *, epsilon: float, delta: float, label_noise: float, accountant: str,
+    prior: tuple,
+) -> float:  # fmt: skip
+    """What the feature release may bring the spent epsilon up to: ``share`` of what is
+    left after ``prior`` and the class counts."""
+    before = epsilon_spent([*prior, label_release(label_noise)], delta, accountant)
+    return before + share * (epsilon - before)
+
+
+def _feature_noise_fits(
+    noise: float, share: float, *, epsilon: float, delta: float, label_noise: float,
+    accountant: str, prior: tuple = (),
+) -> bool:  # fmt: skip
+    """Whether a stored feature noise is positive and spends no more than its share."""
+    common = {"delta": delta, "label_noise": label_noise, "accountant": accountant}
+    allowed = _feature_allowed(share, epsilon=epsilon, prior=prior, **common)
+    return 0 < noise <= MAX_NOISE and _feature_spent(noise, prior=prior, **common) <= allowed
+
+
 @functools.lru_cache(maxsize=64)
-@remembered(_CODE)  # every deployed message is a new process: kept on disk too
+@remembered(_CODE, valid=_feature_noise_fits)  # every deployed message is a new process
 def feature_noise_for(
     share: float, *, epsilon: float, delta: float, label_noise: float, accountant: str,
     prior: tuple = (),
@@ -225,30 +256,54 @@ def feature_noise_for(
     if not 0 < share < 1:
         raise ValueError(f"privacy.feature_share must lie in (0, 1), got {share}")
     _refuse_if_spent(prior, (label_release(label_noise),), epsilon, delta, accountant)
-    before = epsilon_spent([*prior, label_release(label_noise)], delta, accountant)
-    if before >= epsilon:
+    common = {"delta": delta, "label_noise": label_noise, "accountant": accountant}
+    if epsilon_spent([*prior, label_release(label_noise)], delta, accountant) >= epsilon:
         raise ValueError(
             f"privacy.label_noise={label_noise:g} alone spends the whole budget "
             f"epsilon={epsilon:g}; raise privacy.label_noise"
         )
-    allowed = before + share * (epsilon - before)
+    allowed = _feature_allowed(share, epsilon=epsilon, prior=prior, **common)
 
     def spent(noise: float) -> float:
-        return epsilon_spent(
-            [*prior, label_release(label_noise), (noise, 1.0, 1)], delta, accountant
-        )
+        return _feature_spent(noise, prior=prior, **common)
 
     low, high = 0.0, 1.0
     while spent(high) > allowed:
         low, high = high, 2 * high
+        if high > MAX_NOISE:
+            raise ValueError(
+                f"no feature noise spends only privacy.feature_share={share:g} of epsilon "
+                f"{epsilon:g}; raise privacy.feature_share"
+            )
     while high - low > 1e-3:
         mid = (low + high) / 2
         low, high = (mid, high) if spent(mid) > allowed else (low, mid)
     return high
 
 
+def _fits(
+    sigma: float, target: float, delta: float, q: float, steps: int, releases: tuple,
+    accountant: str, prior: tuple = (),
+) -> bool:  # fmt: skip
+    """Whether ``steps`` steps at noise ``sigma``, after ``prior`` and the one-shot
+    ``releases``, land at or under ``target``."""
+    plan = [*prior, *releases, (sigma, q, steps)]
+    # RDP: epsilon is the least over the orders of each order's bound, so the integer
+    # orders alone (quick to compute) bound it from above; when that bound fits, so does
+    # epsilon, and the slow fractional orders are needed only when it does not. The
+    # answer is the same; the search takes about a quarter less time.
+    if accountant == "rdp" and epsilon_spent(plan, delta, accountant, INTEGER_ORDERS) <= target:
+        return True
+    return epsilon_spent(plan, delta, accountant) <= target
+
+
+def _sigma_fits(sigma: float, *args: Any, **kwargs: Any) -> bool:
+    """Whether a stored noise multiplier is positive and still meets the budget."""
+    return 0 < sigma <= MAX_NOISE and _fits(sigma, *args, **kwargs)
+
+
 @functools.lru_cache(maxsize=64)  # a node plans again every round with the same numbers
-@remembered(_CODE)  # ... and in a deployment each round in a new process: kept on disk too
+@remembered(_CODE, valid=_sigma_fits)  # ... and in a deployment each round in a new process
 def _calibrated_sigma(
     target: float,
     delta: float,
@@ -262,19 +317,12 @@ def _calibrated_sigma(
     lands at or under ``target``."""
 
     def fits(sigma: float) -> bool:
-        plan = [*prior, *releases, (sigma, q, steps)]
-        # RDP: epsilon is the least over the orders of each order's bound, so the integer
-        # orders alone (quick to compute) bound it from above; when that bound fits, so does
-        # epsilon, and the slow fractional orders are needed only when it does not. The
-        # answer is the same; the search takes about a quarter less time.
-        if accountant == "rdp" and epsilon_spent(plan, delta, accountant, INTEGER_ORDERS) <= target:
-            return True
-        return epsilon_spent(plan, delta, accountant) <= target
+        return _fits(sigma, target, delta, q, steps, releases, accountant, prior)
 
     low, high = 0.0, 10.0
     while not fits(high):
         high *= 2
-        if high > 1e6:
+        if high > MAX_NOISE:
             raise ValueError(f"no noise level reaches epsilon {target:g}; check the plan")
     while high - low > 1e-3:
         mid = (low + high) / 2
@@ -292,6 +340,13 @@ def epsilon_spent(
     ``orders``: RDP only, the orders to take the least bound over (default: Opacus's)."""
     if not history:
         return 0.0
+    for sigma, q, steps in history:
+        # a NaN sigma would spin forever in Opacus's series; a negative one is meaningless
+        if not (math.isfinite(sigma) and sigma >= 0 and 0 <= q <= 1 and steps >= 0):
+            raise ValueError(
+                f"accountant history entry (noise {sigma}, sample rate {q}, steps {steps}): "
+                "not a noise >= 0, a rate in [0, 1] and steps >= 0; the ledger or plan is damaged"
+            )
     acc = create_accountant(accountant)
     acc.history = [tuple(h) for h in history]
     if orders is not None:
@@ -310,7 +365,7 @@ def check_budget(plan: PrivacyPlan, history: History, steps: int) -> float:
         return math.inf
     after = [*history, (plan.noise_multiplier, plan.sample_rate, steps)]
     projected = epsilon_spent(after, plan.delta, plan.accountant)
-    if projected > plan.target_epsilon + 1e-9:
+    if not projected <= plan.target_epsilon + 1e-9:  # NaN too: refused, never let through
         spent = epsilon_spent(history, plan.delta, plan.accountant)
         raise BudgetExceeded(
             f"refused: {steps} more steps would spend epsilon {projected:.3f} > budget "

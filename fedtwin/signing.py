@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -75,17 +75,26 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    key = _read_pem(path, lambda pem: serialization.load_pem_private_key(pem, password=None))
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path}: not an Ed25519 private key")
     return key
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(Path(path).read_bytes())
+    key = _read_pem(path, serialization.load_pem_public_key)
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path}: not an Ed25519 public key")
     return key
+
+
+def _read_pem(path: Path, load):
+    """``load`` applied to the PEM file ``path``; its errors name the file."""
+    try:
+        return load(Path(path).read_bytes())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        why = "encrypted (fedtwin reads unencrypted keys)" if isinstance(e, TypeError) else "no key"
+        raise ValueError(f"{path}: {why}; give the consortium's Ed25519 key in PEM form") from None
 
 
 def fingerprint(key: Ed25519PublicKey) -> str:

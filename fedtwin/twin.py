@@ -14,11 +14,14 @@ Twin directory (the contract in DESIGN.md)::
 from __future__ import annotations
 
 import csv
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydicom.uid import generate_uid
 from tqdm import tqdm
 
@@ -26,7 +29,7 @@ from fedtwin import __version__
 from fedtwin.dicom import write_dicom
 from fedtwin.jsonio import write_json
 from fedtwin.models.base import TwinGenerator
-from fedtwin.signing import sha256_file, verify_twin
+from fedtwin.signing import load_public_key, sha256_file, verify_twin
 from fedtwin.tensors import to_planes, to_uint8
 
 
@@ -115,8 +118,9 @@ def write_twin(
 ) -> Path:
     """Write the twin directory ``out`` and its ``manifest.json``; returns the manifest path.
 
-    ``provenance`` goes into the manifest as is (config, rounds, epsilon per hospital, ...);
-    ``documents`` are JSON files written beside the images (``audit.json``), hashed too.
+    ``provenance`` goes into the manifest (config, rounds, epsilon per hospital, ...), its
+    ``config`` without local paths (``without_local_paths``); ``documents`` are JSON files
+    written beside the images (``audit.json``), hashed too.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,32 +158,91 @@ def write_twin(
         "classes": {str(i): name for i, name in enumerate(class_names)},
         "class_counts": np.bincount(labels, minlength=len(class_names)).tolist(),
         **provenance,
+        **({"config": without_local_paths(provenance["config"])} if "config" in provenance else {}),
         "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files},
     }
     return write_json(out / "manifest.json", manifest)
 
 
 _NOT_HASHED = {"manifest.json", "manifest.sig"}
+# settings that name a file or folder on the operator's machine (fedtwin/schema.py)
+LOCAL_PATHS = ("data.path", "data.cache_dir", "twin.signing_key")
+
+
+def without_local_paths(config: Any, key: str = "") -> Any:
+    """A run config as a manifest records it: a twin leaves the consortium, its operator's
+    folders do not. The settings in ``LOCAL_PATHS``, and any other absolute path, are
+    reduced to their last part (``/srv/data/pneumonia.npz`` -> ``pneumonia.npz``)."""
+    if isinstance(config, dict):
+        return {k: without_local_paths(v, f"{key}.{k}" if key else k) for k, v in config.items()}
+    if isinstance(config, list):
+        return [without_local_paths(v, key) for v in config]
+    if isinstance(config, str) and (key in LOCAL_PATHS or _absolute(config)):
+        return re.split(r"[\\/]", config.rstrip("\\/"))[-1]  # a Windows path's too
+    return config
+
+
+def _absolute(text: str) -> bool:
+    """Whether ``text`` is an absolute path: POSIX, home (``~``), a file URL or Windows
+    (``C:\\``)."""
+    return text.startswith(("/", "~", "file:", "\\\\")) or bool(re.match(r"[A-Za-z]:[\\/]", text))
+
+
+class UntrustedTwinWarning(UserWarning):
+    """A twin loaded without the consortium's public key: its signature shows that the
+    files are as signed, not who signed them (anyone who changes a twin can sign it again).
+    ``warnings.simplefilter("error", UntrustedTwinWarning)`` makes it an error."""
+
+
+def _check_twin(twin_dir: Path, public_key: Ed25519PublicKey | Path | str | None) -> None:
+    """Raise ValueError if the twin does not verify; warn with its notes if it does, and
+    with ``UntrustedTwinWarning`` if no key said who may sign it."""
+    if isinstance(public_key, (str, Path)):
+        public_key = load_public_key(public_key)
+    elif not isinstance(public_key, (Ed25519PublicKey, type(None))):
+        raise TypeError(
+            f"public_key: expected the consortium's Ed25519 public key or the path of its PEM "
+            f"file, not {type(public_key).__name__}"
+        )
+    result = verify_twin(twin_dir, public_key)
+    if not result.ok:
+        raise ValueError(
+            f"{twin_dir} does not verify: {'; '.join(result.problems)} "
+            f"(pass verify=False to load it anyway)"
+        )
+    if public_key is None:
+        warnings.warn(
+            f"{twin_dir}: not checked against a trusted key: {'; '.join(result.notes)} "
+            "(here: TwinDataset(..., public_key='consortium-signing.pem.pub'))",
+            UntrustedTwinWarning,
+            stacklevel=3,
+        )
+    elif result.notes:
+        warnings.warn(f"{twin_dir}: {'; '.join(result.notes)}", UserWarning, stacklevel=3)
 
 
 class TwinDataset(torch.utils.data.Dataset):
     """A twin as a torch ``Dataset`` of ``(image, label)``: float32 ``(C, H, W)`` in [0, 1]
-    and an int, from ``images.npz``. Checks the twin first (as ``fedtwin verify``, against
-    ``public_key`` when given) unless ``verify=False``::
+    and an int, from ``images.npz``. Checks the twin first (as ``fedtwin verify``) unless
+    ``verify=False``: against ``public_key``, the consortium's Ed25519 public key (a key, or
+    the path of its PEM file); without one, the signature is checked against the key the
+    twin carries, and an ``UntrustedTwinWarning`` says so::
 
         from fedtwin import TwinDataset
-        loader = torch.utils.data.DataLoader(TwinDataset("twins/pneumonia"), batch_size=64)
+        ds = TwinDataset("twins/pneumonia", public_key="consortium-signing.pem.pub")
+        loader = torch.utils.data.DataLoader(ds, batch_size=64)
     """
 
-    def __init__(self, twin_dir: Path | str, transform=None, verify: bool = True, public_key=None):
+    def __init__(
+        self,
+        twin_dir: Path | str,
+        transform=None,
+        verify: bool = True,
+        public_key: Ed25519PublicKey | Path | str | None = None,
+    ):
         twin_dir = Path(twin_dir)
         if verify:
-            result = verify_twin(twin_dir, public_key)
-            if not result.ok:
-                raise ValueError(
-                    f"{twin_dir} does not verify: {'; '.join(result.problems)} "
-                    f"(pass verify=False to load it anyway)"
-                )
+            _check_twin(twin_dir, public_key)
         with np.load(twin_dir / "images.npz") as data:
             self.images = to_planes(data["train_images"])  # (N, C, H, W), grey or colour
             self.labels = torch.from_numpy(data["train_labels"].reshape(-1).astype(np.int64))

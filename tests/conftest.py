@@ -1,4 +1,5 @@
-"""Shared fixtures: the PneumoniaMNIST file beside the repository, small real subsets."""
+"""Shared fixtures: the PneumoniaMNIST file beside the repository, small real subsets, a small
+reader study."""
 
 from __future__ import annotations
 
@@ -57,6 +58,22 @@ def small_real(data_path) -> tuple[np.ndarray, np.ndarray]:
     """The first 300 real training images ``(300, 28, 28)`` uint8 and labels ``(300,)``."""
     d = np.load(data_path)
     return d["train_images"][:300].copy(), d["train_labels"][:300, 0].astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def make_study():
+    """``make_study(path)``: a small reader study of random grey images at ``path`` (8
+    images, classes a and b; no dataset needed); returns ``path``."""
+    from fedtwin.review.store import Study
+
+    def make(path: Path) -> Path:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (8, 28, 28), dtype=np.uint8)
+        labels = np.array([0, 1] * 4)
+        Study.create(path, (images, labels), (images[::-1], labels), ["a", "b"], 8, 0, "0" * 64)
+        return path
+
+    return make
 
 
 @pytest.fixture

@@ -3,6 +3,9 @@ unwritable cache only costs the computation."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from fedtwin import cache, privacy
@@ -53,3 +56,54 @@ def test_the_plan_from_the_cache_equals_a_fresh_calibration(tmp_path, monkeypatc
     assert privacy.epsilon_spent([(10.0, 1.0, 1), (again, 0.1, 30)], 1e-5) <= 8.0
     with pytest.raises(ValueError, match="reaches epsilon"):
         privacy._calibrated_sigma(1e-9, 1e-5, 1.0, 10**6, (), "rdp")
+
+
+def _store(folder, value) -> None:
+    """Overwrite every stored value under ``folder`` (a damaged or hostile cache)."""
+    for stored in (folder / "computed").glob("*.json"):
+        entry = json.loads(stored.read_text())
+        stored.write_text(json.dumps({**entry, "value": value}))
+
+
+def test_a_stored_noise_level_that_does_not_meet_the_budget_is_computed_again(
+    tmp_path, monkeypatch
+):
+    """A cached value is a hint: NaN, negative, infinite or too little noise is recomputed
+    and overwritten, never used (NaN made a hospital spin forever in the budget check)."""
+    monkeypatch.setenv("FEDTWIN_CACHE", str(tmp_path))
+    args = (8.0, 1e-5, 0.1, 30, ((10.0, 1.0, 1),), "rdp")
+    privacy._calibrated_sigma.cache_clear()
+    fresh = privacy._calibrated_sigma(*args)
+    for bad in (math.nan, -fresh, math.inf, fresh / 2, "1.5x"):
+        _store(tmp_path, bad)
+        privacy._calibrated_sigma.cache_clear()
+        assert privacy._calibrated_sigma(*args) == fresh, bad
+        [stored] = (tmp_path / "computed").glob("*.json")
+        assert json.loads(stored.read_text())["value"] == fresh  # overwritten
+    _store(tmp_path, fresh + 1.0)  # more noise than needed still meets the budget: kept
+    privacy._calibrated_sigma.cache_clear()
+    assert privacy._calibrated_sigma(*args) == fresh + 1.0
+    privacy._calibrated_sigma.cache_clear()
+
+
+def test_a_stored_feature_noise_that_spends_too_much_is_computed_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTWIN_CACHE", str(tmp_path))
+    question = {"epsilon": 4.0, "delta": 1e-5, "label_noise": 10.0, "accountant": "rdp"}
+    privacy.feature_noise_for.cache_clear()
+    fresh = privacy.feature_noise_for(0.5, **question)
+    for bad in (math.nan, -1.0, fresh / 2):
+        _store(tmp_path, bad)
+        privacy.feature_noise_for.cache_clear()
+        assert privacy.feature_noise_for(0.5, **question) == fresh, bad
+    privacy.feature_noise_for.cache_clear()
+
+
+@pytest.mark.timeout(60)
+def test_the_budget_check_refuses_a_nan_or_negative_noise_at_once():
+    """Opacus's series never ends for a NaN noise; the check refuses it instead."""
+    for sigma in (math.nan, -1.0, math.inf):
+        with pytest.raises(ValueError, match="history entry"):
+            privacy.epsilon_spent([(sigma, 0.1, 10)], 1e-5)
+        plan = privacy.PrivacyPlan(True, 8.0, 1e-5, 1.0, 0.1, 10, sigma, "rdp", 10.0)
+        with pytest.raises(ValueError, match="damaged"):
+            privacy.check_budget(plan, [(10.0, 1.0, 1)], 10)

@@ -287,7 +287,8 @@ def test_access_hosts_and_answers_are_checked(consortium, tmp_path, capsys):
     code, hosts = access("0.0.0.0", True, None)
     assert code and len(code) >= 8 and hosts == ["*"]  # beyond this machine: always a code
 
-    client = TestClient(make_app(study, access_code="correct-horse"), base_url="http://127.0.0.1")
+    client = TestClient(make_app(study, access_code="correct-horse"), base_url="http://127.0.0.1",
+                        headers={"Origin": "http://127.0.0.1"})  # fmt: skip
     assert client.get("/read", follow_redirects=False).status_code == 303  # to the login
     assert client.get("/image/anything").status_code == 403
     refused = client.post("/login", data={"name": "carol", "code": "guess"}, follow_redirects=False)
@@ -301,7 +302,8 @@ def test_access_hosts_and_answers_are_checked(consortium, tmp_path, capsys):
     assert client.get(f"/image/{token}").content.startswith(b"\x89PNG")
 
     # a page elsewhere reaching 127.0.0.1 under its own domain (DNS rebinding) is refused
-    foreign = TestClient(make_app(study), base_url="http://attacker.example")
+    foreign = TestClient(make_app(study), base_url="http://attacker.example",
+                         headers={"Origin": "http://attacker.example"})  # fmt: skip
     assert foreign.post("/login", data={"name": "x"}).status_code == 400
 
     # bad values are refused with a page, not a server error; only the current image

@@ -5,14 +5,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fedtwin.models import ddpm
 from fedtwin.models.base import DPTrainable, TwinGenerator
-from fedtwin.models.dcgan import DCGAN, DCGANConfig
+from fedtwin.models.dcgan import DCGAN, DCGANConfig, halvings
 from fedtwin.models.ddpm import DDPM, DDPMConfig
 
 __all__ = ["DPTrainable", "TwinGenerator", "DCGAN", "DCGANConfig", "DDPM", "DDPMConfig"]
-__all__ += ["build_model", "model_from_config"]
+__all__ += ["build_model", "check_image_size", "model_from_config"]
 
 GENERATORS = {"dcgan": (DCGAN, DCGANConfig), "ddpm": (DDPM, DDPMConfig)}
+# each generator halves the image a fixed number of times: the sizes it can make
+IMAGE_SIZE_RULES = {"dcgan": halvings, "ddpm": ddpm.check_image_size}
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """ValueError naming ``data.image_size`` when generator ``name`` cannot make images of
+    that size (an unknown name is ``build_model``'s to refuse)."""
+    rule = IMAGE_SIZE_RULES.get(name)
+    if rule is not None:
+        rule(image_size)
 
 
 def build_model(

@@ -72,6 +72,15 @@ class ResBlock(nn.Module):
         return h + self.skip(x)
 
 
+def check_image_size(image_size: int) -> None:
+    """ValueError unless the UNet's two halvings divide ``image_size``."""
+    if image_size % 4:
+        raise ValueError(
+            f"data.image_size={image_size}: the diffusion UNet halves it twice, so it must be "
+            "a multiple of 4 (e.g. 28, 32, 64, 128, 224)"
+        )
+
+
 class UNet(nn.Module):
     """``x (N, C, S, S)``, ``t (N,)``, ``y (N,)`` -> predicted noise ``(N, C, S, S)``.
 
@@ -81,8 +90,7 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: DDPMConfig):
         super().__init__()
-        if cfg.image_size % 4:
-            raise ValueError(f"data.image_size must be a multiple of 4, got {cfg.image_size}")
+        check_image_size(cfg.image_size)
         w, e = cfg.width, 4 * cfg.width
         self.width = w
         self.time = nn.Sequential(nn.Linear(w, e), nn.SiLU(), nn.Linear(e, e))

@@ -10,6 +10,7 @@ letters shown on the page, Enter to go on.
 from __future__ import annotations
 
 import hmac
+import math
 import re
 import string
 from collections.abc import Sequence
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Cookie, FastAPI, Form, HTTPException, Request
-from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from fedtwin.review.store import Study
+from fedtwin.review.guards import MAX_BODY, AllowedHosts, Attempts, BodyLimit, SameOrigin
+from fedtwin.review.store import Study, StudyFull
 
 COOKIE = "fedtwin_review"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
@@ -30,7 +31,8 @@ TEMPLATES = Jinja2Templates(directory=Path(__file__).with_name("templates"))
 CLASS_KEYS = [c for c in string.ascii_lowercase if c not in "rs"]
 HEADERS = {
     "Cache-Control": "no-store",  # real images are not left in a browser's cache
-    "Referrer-Policy": "no-referrer",
+    # no URL to other sites; a form post keeps its Origin (under no-referrer it is "null")
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
 }
@@ -41,13 +43,18 @@ def make_app(
     access_code: str | None = None,
     secure_cookie: bool = False,
     allowed_hosts: Sequence[str] = LOCAL_HOSTS,
+    max_body: int = MAX_BODY,
 ) -> FastAPI:
     """The app for ``study``; with ``access_code`` a reader must give it to log in.
     Requests for another host name than ``allowed_hosts`` are refused: a web page the
     reader has open elsewhere cannot reach the app through a domain that resolves to
-    127.0.0.1 (DNS rebinding)."""
+    127.0.0.1 (DNS rebinding), and so is a form post from another site (``SameOrigin``). A
+    request body over ``max_body`` bytes is refused (413) before it is read. A client that
+    gave ``MAX_CODE_TRIES`` wrong access codes in a minute is answered 429 until then."""
     app = FastAPI(title="fedtwin reader study", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(SameOrigin)
+    app.add_middleware(AllowedHosts, hosts=list(allowed_hosts))  # outside: runs first
+    attempts = Attempts()
     names = study.class_names
     classes = [
         (i, name, CLASS_KEYS[i] if i < len(CLASS_KEYS) else "") for i, name in enumerate(names)
@@ -58,6 +65,8 @@ def make_app(
         response = await call_next(request)
         response.headers.update(HEADERS)
         return response
+
+    app.add_middleware(BodyLimit, limit=max_body)  # added last: the outermost, first to run
 
     def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
         return TEMPLATES.TemplateResponse(request, name, context, status_code=status)
@@ -74,17 +83,28 @@ def make_app(
         name: Annotated[str, Form()] = "",
         code: Annotated[str, Form()] = "",
     ):
-        if access_code and not hmac.compare_digest(code.encode(), access_code.encode()):
+        def refused(status: int, error: str) -> HTMLResponse:
             return page(
-                request, "start.html", 403, reader=None, need_code=True,
-                error="That access code is not this study's.",
+                request, "start.html", status, reader=None, need_code=bool(access_code),
+                error=error,
             )  # fmt: skip
+
+        if access_code:
+            address = request.client.host if request.client else ""
+            wait = attempts.wait_s(address)
+            if wait > 0:
+                response = refused(429, f"Too many wrong codes: try again in {math.ceil(wait)} s.")
+                response.headers["Retry-After"] = str(math.ceil(wait))
+                return response
+            if not hmac.compare_digest(code.encode(), access_code.encode()):
+                attempts.failed(address)
+                return refused(403, "That access code is not this study's.")
         try:
             token = study.login(name)
+        except StudyFull as e:
+            return refused(403, str(e))
         except ValueError as e:
-            return page(
-                request, "start.html", 400, reader=None, need_code=bool(access_code), error=str(e)
-            )
+            return refused(400, str(e))
         response = RedirectResponse("/read", status_code=303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=secure_cookie)
         return response

@@ -18,14 +18,20 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import NoReturn
 
 from fedtwin.histograms import wilson_interval
+from fedtwin.review.names import MAX_CLASS_NAME, is_name
 from fedtwin.review.store import Study
 
 FORMAT = "fedtwin reader study aggregate"
 SOURCES = ("real", "twin")
 Z95 = 1.959963984540054
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# readers, images, readings: far beyond any reader study, and every sum stays exact
+MAX_COUNT = 10**9
+MAX_NAME = MAX_CLASS_NAME  # a hospital's or a class's name, printed on one line
+TWIN_HINT = "is --twin the twin the hospitals' readers read?"
 
 
 def _empty() -> dict:
@@ -101,53 +107,155 @@ def summarise(per_class: Mapping[str, Mapping[str, Mapping]]) -> dict:
 
 
 def check_aggregate(agg: object, where: str) -> dict:
-    """A hospital's aggregate as the consortium receives it: the format and every count
-    checked, so a damaged or foreign file is named, not half-pooled."""
+    """A hospital's aggregate as the consortium receives it, checked so that nothing false is
+    pooled (and signed into a twin's manifest); raises ValueError naming ``where`` and the field.
+
+    Checked: the format; names of 1 to ``MAX_NAME`` printable characters, distinct class
+    names; every count a whole number from 0 to ``MAX_COUNT``; in every cell,
+    called real and label agreed at most its readings, which its realism histogram sums to;
+    as many real as twin images (a study shows pairs), at least one of each; readings a study
+    can give: every reader counted gave a reading, and no reader reads an image twice
+    (``images_needed``).
+    """
     if not isinstance(agg, dict) or agg.get("format") != FORMAT:
         raise ValueError(f"{where}: not a reader study aggregate (`fedtwin review summary`)")
-    hospital, images, sha = agg.get("hospital"), agg.get("images"), agg.get("twin_images_sha256")
-    if not isinstance(hospital, str) or not hospital:
-        raise ValueError(f"{where}: 'hospital' must name the hospital")
+    hospital, sha = agg.get("hospital"), agg.get("twin_images_sha256")
+    if not _name(hospital):
+        _refuse(where, f"'hospital' must name the hospital (1 to {MAX_NAME} printable characters)")
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
-        raise ValueError(f"{where}: 'twin_images_sha256' must be 64 lowercase hex digits")
+        _refuse(where, "'twin_images_sha256' must be 64 lowercase hex digits")
     if not _count(agg.get("readers")):
-        raise ValueError(f"{where}: 'readers' must be a count")
+        _refuse(where, f"'readers' must be a count (a whole number 0 to {MAX_COUNT:,})")
+    _check_images(agg.get("images"), where)
+    _check_classes(agg.get("class_names"), agg.get("per_class"), where)
+    for name, cell in agg["per_class"].items():
+        for source in SOURCES:
+            _check_cell(cell.get(source) if isinstance(cell, dict) else None, where, name, source)
+    _check_readings(agg, where)
+    return agg
+
+
+def _refuse(
+    where: str, problem: str, hint: str = "ask the hospital for its summary again"
+) -> NoReturn:
+    raise ValueError(f"{where}: {problem}; nothing pooled: {hint}")
+
+
+def _name(v: object) -> bool:
+    return is_name(v, MAX_NAME)
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_COUNT
+
+
+def _check_images(images: object, where: str) -> None:
     if not (
         isinstance(images, dict)
         and set(images) == set(SOURCES)
         and all(_count(v) for v in images.values())
+        and images["real"] == images["twin"] >= 1
     ):
-        raise ValueError(f"{where}: 'images' must give the counts of real and twin images")
-    names = agg.get("class_names")
-    per_class = agg.get("per_class")
+        _refuse(where, "'images' must give as many real as twin images, at least 1 of each")
+
+
+def _check_classes(names: object, per_class: object, where: str) -> None:
     if (
         not isinstance(names, list)
-        or not all(isinstance(n, str) for n in names)
+        or not names
+        or not all(_name(n) for n in names)
         or len(set(names)) != len(names)
         or not isinstance(per_class, dict)
         or set(per_class) != set(names)
     ):
-        raise ValueError(f"{where}: class_names (distinct names) and per_class do not match")
-    for name, cell in per_class.items():
-        for source in SOURCES:
-            c = cell.get(source) if isinstance(cell, dict) else None
-            ok = (
-                isinstance(c, dict)
-                and all(_count(c.get(k)) for k in ("readings", "called_real", "label_agreed"))
-                and isinstance(c.get("realism"), list)
-                and len(c["realism"]) == 5
-                and all(_count(v) for v in c["realism"])
-                and sum(c["realism"]) == c["readings"]
-                and c["called_real"] <= c["readings"]
-                and c["label_agreed"] <= c["readings"]
+        _refuse(
+            where,
+            f"class_names must be distinct names (1 to {MAX_NAME} printable characters) and "
+            "per_class must hold exactly those classes",
+        )
+
+
+def _check_cell(c: object, where: str, name: str, source: str) -> None:
+    field = f"per_class.{name}.{source}"
+    if not (
+        isinstance(c, dict)
+        and all(_count(c.get(k)) for k in ("readings", "called_real", "label_agreed"))
+        and isinstance(c.get("realism"), list)
+        and len(c["realism"]) == 5
+        and all(_count(v) for v in c["realism"])
+    ):
+        _refuse(
+            where,
+            f"{field}: counts are inconsistent (readings, called_real, label_agreed and the 5 "
+            f"realism counts must be whole numbers 0 to {MAX_COUNT:,})",
+        )
+    for key in ("called_real", "label_agreed"):
+        if c[key] > c["readings"]:
+            _refuse(
+                where,
+                f"{field}: counts are inconsistent ({key} {c[key]} > readings {c['readings']})",
             )
-            if not ok:
-                raise ValueError(f"{where}: per_class.{name}.{source}: counts are inconsistent")
-    return agg
+    if sum(c["realism"]) != c["readings"]:
+        _refuse(
+            where,
+            f"{field}: counts are inconsistent (the realism histogram sums to "
+            f"{sum(c['realism'])}, not to readings {c['readings']})",
+        )
 
 
-def _count(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+def _check_readings(agg: Mapping, where: str) -> None:
+    readers, images = agg["readers"], agg["images"]["real"]
+    total = sum(cell[s]["readings"] for cell in agg["per_class"].values() for s in SOURCES)
+    if total < readers or (total and not readers):
+        _refuse(
+            where,
+            f"'readers' is {readers} for {total} readings: every reader counted "
+            "gave at least one reading",
+        )
+    need = sum(images_needed(agg))
+    if need > images:
+        _refuse(
+            where,
+            f"per_class: {total} readings by {readers} reader(s) need at least "
+            f"{need} real and {need} twin images (no reader reads an image twice); "
+            f"'images' gives {images}",
+        )
+
+
+def images_needed(agg: Mapping) -> list[int]:
+    """Per class (``class_names``' order), the fewest images of each source its readings
+    need: a reader reads an image once at most, and a class shows as many real as twin
+    images, so ``ceil(readings / readers)`` of the more read source."""
+    readers = agg["readers"]
+    return [  # -(-a // b): the ceiling of a / b, exact for whole numbers of any size
+        max(-(-agg["per_class"][name][s]["readings"] // readers) if readers else 0 for s in SOURCES)
+        for name in agg["class_names"]
+    ]
+
+
+def check_fits_twin(
+    agg: Mapping, class_names: list[str], class_counts: list[int], where: str
+) -> None:
+    """Refuse a checked aggregate whose study cannot have been made of this twin: other class
+    names, more twin images than the twin holds, or in a class (``images_needed``)."""
+    if agg["class_names"] != class_names:
+        _refuse(
+            where, f"class_names {agg['class_names']} are not the twin's {class_names}", TWIN_HINT
+        )
+    if agg["images"]["twin"] > sum(class_counts):
+        _refuse(
+            where,
+            f"'images': {agg['images']['twin']} twin images; the twin has {sum(class_counts)}",
+            TWIN_HINT,
+        )
+    for name, need, have in zip(class_names, images_needed(agg), class_counts, strict=True):
+        if need > have:
+            _refuse(
+                where,
+                f"per_class.{name}: the readings need at least {need} twin images "
+                f"of {name!r}; the twin has {have}",
+                TWIN_HINT,
+            )
 
 
 def pool(aggregates: Sequence[Mapping]) -> dict:
@@ -157,13 +265,22 @@ def pool(aggregates: Sequence[Mapping]) -> dict:
         raise ValueError("no aggregates to pool")
     hospitals = [a["hospital"] for a in aggregates]
     if len(set(hospitals)) < len(hospitals):
-        raise ValueError(f"a hospital sent more than one aggregate: {sorted(hospitals)}")
+        raise ValueError(
+            f"a hospital sent more than one aggregate: {sorted(hospitals)}; pool one each"
+        )
     twins = {a["twin_images_sha256"] for a in aggregates}
     if len(twins) > 1:
-        raise ValueError("the aggregates come from studies of different twins")
+        raise ValueError(
+            "the aggregates come from studies of different twins (twin_images_sha256); "
+            "pool each twin's apart"
+        )
     names = aggregates[0]["class_names"]
-    if any(a["class_names"] != names for a in aggregates):
-        raise ValueError("the aggregates name different classes")
+    for a in aggregates:
+        if a["class_names"] != names:
+            raise ValueError(
+                f"the aggregates name different classes: class_names {a['class_names']} "
+                f"({a['hospital']}) and {names} ({aggregates[0]['hospital']})"
+            )
     pooled = {
         c: {s: _sum([a["per_class"][c][s] for a in aggregates]) for s in SOURCES} for c in names
     }

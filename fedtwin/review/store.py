@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import secrets
 import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
+
+from fedtwin.review.names import class_names_problem, reader_name
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS study (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,8 +50,42 @@ CREATE TABLE IF NOT EXISTS readings (
 );
 """
 
-MAX_NAME = 64  # a reader's name: what the login form accepts
+MAX_READERS = 100  # readers a study takes: far beyond a reader study; bounds the file
+MAX_SESSIONS = 10  # a reader's live logins (browsers, devices); a new one ends the oldest
 SESSION_S = 12 * 3600  # a login lasts a working day; then the reader gives their name again
+DAMAGED = "restore it from a backup, or make a new study with another --db"
+# What a study's rows must hold, each a query finding the first that does not (a damaged or
+# crafted file): (table, column, expected, query of its key and value). :last is the last class.
+_ROW_CHECKS = (
+    ("items", "source", "'real' or 'twin'",
+     "SELECT id, source FROM items WHERE source IS NOT 'real' AND source IS NOT 'twin'"),
+    ("items", "label", "a class number 0 to {last}",
+     "SELECT id, label FROM items WHERE typeof(label) != 'integer' "
+     "OR label NOT BETWEEN 0 AND :last"),
+    ("items", "token", "a text token",
+     "SELECT id, token FROM items WHERE typeof(token) != 'text'"),
+    ("items", "png", "a PNG image",
+     "SELECT id, typeof(png) FROM items WHERE typeof(png) != 'blob'"),
+    ("readers", "seed", "a whole number from 0",
+     "SELECT rowid, seed FROM readers WHERE typeof(seed) != 'integer' OR seed < 0"),
+    ("readings", "reader", "a reader's name",
+     "SELECT rowid, reader FROM readings WHERE typeof(reader) != 'text' OR reader = ''"),
+    ("readings", "item", "an image of the study",
+     "SELECT rowid, item FROM readings WHERE item NOT IN (SELECT id FROM items)"),
+    ("readings", "said_real", "0 or 1",
+     "SELECT rowid, said_real FROM readings WHERE typeof(said_real) != 'integer' "
+     "OR said_real NOT IN (0, 1)"),
+    ("readings", "realism", "a whole number 1 to 5",
+     "SELECT rowid, realism FROM readings WHERE typeof(realism) != 'integer' "
+     "OR realism NOT BETWEEN 1 AND 5"),
+    ("readings", "label", "a class number 0 to {last}",
+     "SELECT rowid, label FROM readings WHERE typeof(label) != 'integer' "
+     "OR label NOT BETWEEN 0 AND :last"),
+)  # fmt: skip
+
+
+class StudyFull(ValueError):
+    """The study has its ``MAX_READERS`` readers: a new name cannot join."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +154,9 @@ class Study:
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path}: already exists")
+        problem = class_names_problem(list(class_names))
+        if problem:
+            raise ValueError(f"the twin's class names {list(class_names)!r}: {problem}")
         if n_images < 2:
             raise ValueError(f"--images {n_images}: a study needs at least 2 images")
         if real[0].shape[1:] != twin[0].shape[1:]:
@@ -156,15 +197,65 @@ class Study:
         return db
 
     def _open(self) -> None:
-        """Check that the file is a study (a clear error, not sqlite's, if it is not)."""
+        """Check that the file is a study, and that what it holds is what a study can hold:
+        a clear error naming the field and row, not sqlite's, or a traceback, or counts
+        that cannot be, later."""
         try:
             with self._db() as db:
                 n = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-                db.execute("SELECT COUNT(*) FROM readings, sessions, study LIMIT 1")
+                db.execute("SELECT COUNT(*) FROM readings, sessions, study, readers LIMIT 1")
         except sqlite3.Error as e:
             raise ValueError(f"{self.path}: not a fedtwin reader study ({e})") from None
         if n == 0:
             raise ValueError(f"{self.path}: the study has no images")
+        try:
+            self._check_contents()
+        except sqlite3.Error as e:
+            self._damaged(f"cannot be read ({e})")
+
+    def _damaged(self, problem: str) -> NoReturn:
+        raise ValueError(f"{self.path}: damaged reader study: {problem}; {DAMAGED}")
+
+    def _check_contents(self) -> None:
+        """The class names, the twin's sha256, every row (``_ROW_CHECKS``), the pairs."""
+        try:
+            names = json.loads(self.meta("class_names"))
+        except (ValueError, TypeError):
+            names = None
+        problem = class_names_problem(names)
+        if problem:
+            self._damaged(f"study.class_names is {_shown(self.meta('class_names'))}: {problem}")
+        sha = self.meta("twin_images_sha256")
+        if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            self._damaged(f"study.twin_images_sha256 is {_shown(sha)}: expected 64 hex digits")
+        last = len(names) - 1
+        with self._db() as db:
+            for table, column, expected, query in _ROW_CHECKS:
+                row = db.execute(query, {"last": last}).fetchone()
+                if row is not None:
+                    self._damaged(
+                        f"{table} row {row[0]}: {column} is {_shown(row[1])}, expected "
+                        + expected.format(last=last)
+                    )
+            self._check_pairs(db, names)
+
+    def _check_pairs(self, db: sqlite3.Connection, names: list[str]) -> None:
+        """No reading twice of an image by one reader, as many real as twin images a class."""
+        twice = db.execute(
+            "SELECT reader, item FROM readings GROUP BY reader, item HAVING COUNT(*) > 1"
+        ).fetchone()
+        if twice is not None:
+            self._damaged(f"readings: reader {_shown(twice[0])} read item {twice[1]} twice")
+        unpaired = db.execute(
+            "SELECT label, SUM(source = 'real'), SUM(source = 'twin') FROM items GROUP BY label "
+            "HAVING SUM(source = 'real') != SUM(source = 'twin')"
+        ).fetchone()
+        if unpaired is not None:
+            label, real, twin = unpaired
+            self._damaged(
+                f"items: class {names[label]!r} has {real} real and {twin} twin images; a study "
+                "shows as many of each"
+            )
 
     def meta(self, key: str) -> str:
         with self._db() as db:
@@ -185,17 +276,24 @@ class Study:
     # readers and their sessions
 
     def login(self, name: str) -> str:
-        """A new session token for reader ``name`` (made on first login)."""
-        name = name.strip()
-        if not name or len(name) > MAX_NAME:
-            raise ValueError(f"a reader's name is 1 to {MAX_NAME} characters")
-        token = secrets.token_urlsafe(24)
+        """A new session token for reader ``name``, as ``reader_name`` keeps it. A new name
+        joins while the study has fewer than ``MAX_READERS`` (else ``StudyFull``); a reader
+        keeps their ``MAX_SESSIONS`` latest logins, an older one ends."""
+        name, token, now = reader_name(name), secrets.token_urlsafe(24), time.time()
         with self._db() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO readers VALUES (?, ?, ?)",
-                (name, secrets.randbelow(2**62), time.time()),
+            db.execute(  # one statement: concurrent logins cannot pass the bound together
+                "INSERT OR IGNORE INTO readers SELECT ?, ?, ? "
+                "WHERE (SELECT COUNT(*) FROM readers) < ?",
+                (name, secrets.randbelow(2**62), now, MAX_READERS),
             )
-            db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (token, name, time.time()))
+            if db.execute("SELECT 1 FROM readers WHERE name = ?", (name,)).fetchone() is None:
+                raise StudyFull(f"This study has its {MAX_READERS} readers; only they can log in.")
+            db.execute("INSERT INTO sessions VALUES (?, ?, ?)", (token, name, now))
+            db.execute(
+                "DELETE FROM sessions WHERE reader = ? AND token NOT IN (SELECT token FROM "
+                "sessions WHERE reader = ? ORDER BY created DESC, rowid DESC LIMIT ?)",
+                (name, name, MAX_SESSIONS),
+            )
         return token
 
     def logout(self, session: str | None) -> None:
@@ -271,3 +369,9 @@ class Study:
             images = dict(db.execute("SELECT source, COUNT(*) FROM items GROUP BY source"))
             readers = db.execute("SELECT COUNT(DISTINCT reader) FROM readings").fetchone()[0]
         return {"images": images, "readers": readers}
+
+
+def _shown(value: object) -> str:
+    """A value read from a study file, short enough for one line of an error."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

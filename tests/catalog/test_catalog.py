@@ -61,7 +61,7 @@ def test_researcher_lists_gets_and_pulls_a_verified_twin(world, server, publishe
     pub = public_key_path(world / "keys" / "signing.pem")
     assert main(["verify", str(out), "--public-key", str(pub)]) == 0
 
-    ds = TwinDataset(out, public_key=None)
+    ds = TwinDataset(out, public_key=pub)  # a path: the consortium's key, no warning
     image, label = ds[0]
     assert len(ds) == 400 and image.shape == (1, 28, 28) and label in (0, 1)
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
