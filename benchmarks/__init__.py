@@ -30,12 +30,19 @@
       and colour, and of the DCGAN at 128 px; the ratio to 28 px grey and the private
       module's parameter count
 
-One module per part: twin_quality (a, b, i), baseline (c), throughput (d), audit (e),
+  (k) the ladder that locates the loss: the generator without DP and central, three times
+      the rounds (the capacity ceiling) and at the default schedule (--runs runs each);
+      DP central is (b), DP federated (a)
+
+Every demo run also keeps the realism figures: the two-sample test's AUC (twin against
+real val, and its real-against-real floor) and the spectral distance over its floor.
+
+One module per part: twin_quality (a, b, i, k), baseline (c), throughput (d), audit (e),
 catalog (f), diffusion (g), deployment (h), image_size (j); common holds what several
 parts share and run is the runner that writes the JSON.
 
 Usage: python -m benchmarks --out runs/benchmark.json [--quick] [--runs 3] [--eps1-runs 1]
-       [--parts a,b,c,d,e,f,g,h,i,j] [--last-round-alone] [hydra overrides...]. Each part is
+       [--parts a,b,c,d,e,f,g,h,i,j,k] [--last-round-alone] [hydra overrides...]. Each part is
 written as soon as it ends; a failed part records its error and the others still run.
 (`python scripts/benchmark.py ...` is the same.)
 """

@@ -26,7 +26,7 @@ from benchmarks.deployment import part_h
 from benchmarks.diffusion import part_g
 from benchmarks.image_size import part_j
 from benchmarks.throughput import part_d
-from benchmarks.twin_quality import part_a, part_b, part_i
+from benchmarks.twin_quality import part_a, part_b, part_i, part_k
 from fedtwin.config import load_config
 from fedtwin.jsonio import write_json
 
@@ -34,7 +34,7 @@ from fedtwin.jsonio import write_json
 def main() -> int:
     parser = argparse.ArgumentParser(prog="benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
-    parser.add_argument("--parts", default="a,b,c,d,e,f,g,h,i,j", help="comma-separated subset")
+    parser.add_argument("--parts", default="a,b,c,d,e,f,g,h,i,j,k", help="comma-separated subset")
     parser.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
     parser.add_argument("--runs", type=int, default=3, help="independent runs of (a) and (b)")
     parser.add_argument("--eps1-runs", type=int, default=1, help="independent runs of (i)")
@@ -72,6 +72,7 @@ def main() -> int:
         "h": ("h_deployment", lambda: part_h(cfg, out_dir, overrides)),
         "i": ("i_epsilon_1", lambda: part_i(out_dir, overrides, args.eps1_runs)),
         "j": ("j_image_size", lambda: part_j(cfg)),
+        "k": ("k_ladder", lambda: part_k(out_dir, overrides, args.runs, cfg)),
     }
     for key in args.parts.split(","):
         name, run = parts[key.strip()]
@@ -98,7 +99,18 @@ def demo_line(name: str, r: dict) -> str:
         f"TRTR AUC {trtr['auc_mean']:.3f} | Fréchet {fr['twin_vs_val']:.2f} "
         f"(floor {fr['train_vs_val_floor']:.2f}) | precision {twin.get('precision', -1):.2f} "
         f"coverage {twin.get('coverage', -1):.2f} | {r['command_wall_time_s']:.0f} s | "
-        f"audit {r['gate']['audit_verdict']}"
+        f"audit {r['gate']['audit_verdict']}{realism_line(r.get('realism'))}"
+    )
+
+
+def realism_line(realism: dict | None) -> str:
+    if not realism:
+        return ""
+    c2st, ratio = realism["c2st"], realism["spectral_over_floor"]
+    return (
+        f"\n  realism: two-sample AUC {c2st['auc']:.3f} [{c2st['low']:.3f}, {c2st['high']:.3f}]"
+        f" (real vs real {realism['c2st_floor']['auc']:.3f}) | spectral distance "
+        f"{realism['spectral_distance']:.3f} = {ratio:.1f}x the real floor"
     )
 
 
@@ -118,8 +130,12 @@ def hybrid_lines(per_hospital: dict) -> list[str]:
 
 def summary_lines(result: dict) -> str:
     lines = []
-    for name in ("a_federated", "b_central", "i_epsilon_1"):
-        for i, r in enumerate(result.get(name, {}).get("runs", [])):
+    ladder = result.get("k_ladder", {})
+    parts = {name: result.get(name, {}) for name in ("a_federated", "b_central", "i_epsilon_1")}
+    parts |= {f"k {rung}": ladder[rung] for rung in ("no_dp_central_long", "no_dp_central")
+              if rung in ladder}  # fmt: skip
+    for name, part in parts.items():
+        for i, r in enumerate(part.get("runs", [])):
             lines.append(demo_line(f"{name} run {i + 1}", r))
             lines.extend(hybrid_lines(r.get("per_hospital") or {}))
     for name in ("g_ddpm",):

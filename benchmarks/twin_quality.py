@@ -5,6 +5,9 @@ verdict and wall time.
   (a) the demo's setting: 4 hospitals, Dirichlet alpha 0.5, epsilon 10, delta 1e-5
   (b) the same generator and plan trained centrally: one hospital holding all the data
   (i) the demo's setting at epsilon 1
+  (k) the ladder that locates the loss of realism and utility: the generator without DP,
+      central, trained three times as long (the capacity ceiling); the same at the
+      default schedule; then with DP central (b) and with DP federated (a) beside it
 """
 
 from __future__ import annotations
@@ -24,14 +27,26 @@ def part_i(out_dir: Path, overrides: list[str], runs: int) -> dict:
 
 def part_b(out_dir: Path, overrides: list[str], runs: int) -> dict:
     # one hospital: there is no sum to hide an update in, so no secure aggregation
-    central = [
-        *SETTING,
-        *overrides,
-        "federation.hospitals=1",
-        "federation.secure_aggregation=false",
-    ]
+    central = [*SETTING, *overrides, *CENTRAL]
     return {
         "note": "the same generator and privacy plan on the pooled training images of the "
         "4 hospitals' split (one hospital, same rounds x local steps, same epsilon)",
         **repeated(out_dir / "b_central", central, runs),
+    }
+
+
+CENTRAL = ["federation.hospitals=1", "federation.secure_aggregation=false"]
+
+
+def part_k(out_dir: Path, overrides: list[str], runs: int, cfg: dict) -> dict:
+    """The ladder's first two rungs; (b) and (a) are the next two, run as their parts."""
+    rounds = int(cfg["federation"]["rounds"])
+    no_dp = [*SETTING, *overrides, *CENTRAL, "privacy.enabled=false"]
+    return {
+        "note": "rungs: no DP central, 3x the rounds (the capacity ceiling); no DP central, "
+        "the default schedule; DP central is part (b), DP federated part (a)",
+        "no_dp_central_long": repeated(
+            out_dir / "k_no_dp_central_long", [*no_dp, f"federation.rounds={3 * rounds}"], runs
+        ),
+        "no_dp_central": repeated(out_dir / "k_no_dp_central", no_dp, runs),
     }

@@ -2,7 +2,8 @@
 
 data -> hospitals (partition + holdout) -> federated DP training (Flower Simulation Engine)
 -> global generator -> twin -> federated privacy audit and utility at the hospitals ->
-twin directory, signed if the audit passed -> TSTR/TRTR + Fréchet distance -> report.html
+twin directory, signed if the audit passed -> TSTR/TRTR, Fréchet distance, realism (the
+two-sample test, spectra) and the quality gate on val -> report.html
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def run_demo(
     from fedtwin.checkpoints import read_history
     from fedtwin.gate import final_epsilons
     from fedtwin.metrics import evaluate_twin
+    from fedtwin.quality import evaluation_quality
     from fedtwin.report import write_report
 
     check_config(cfg)
@@ -105,6 +107,9 @@ def run_demo(
         n_classes=n_classes,
         progress=progress,
     )
+    quality = evaluation_quality(evaluation, cfg["eval"])
+    for warning in quality["warnings"]:
+        log.warning("twin quality: %s", warning)
     wall = time.time() - start
     summary = {
         "wall_time_s": wall,
@@ -119,6 +124,7 @@ def run_demo(
         "hybrid": hybrid_figures(manifest["federated_utility"]),
         "per_hospital": per_hospital_figures(manifest["federated_utility"]),
         "evaluation": evaluation,
+        "quality": quality,  # the quality gate on val; the manifest has the hospitals' one
     }
     write_json(out / "summary.json", summary)
     write_report(
@@ -133,6 +139,7 @@ def run_demo(
         evaluation=evaluation,
         audit=audit,
         gate=manifest["gate"],
+        quality=quality,
         federated_utility=manifest["federated_utility"],
         config=cfg,
         wall_time_s=wall,

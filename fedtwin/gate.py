@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtwin.audit_pool import summary
 from fedtwin.config import class_weights
+from fedtwin.quality import federated_quality
 from fedtwin.signing import load_signing_key, make_signing_key, sign_twin
 from fedtwin.twin import write_twin
 
@@ -109,6 +110,7 @@ def write_gated_twin(
                 **utility,
             },
             "gate": gate,
+            "quality": federated_quality(utility, cfg["eval"]),  # says, decides nothing
         },
         documents={"audit.json": audit},
         dicom=bool(tw["dicom"]),

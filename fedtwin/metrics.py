@@ -7,6 +7,8 @@
   28 x 28 chest X-rays. Its floor is the distance between real train and real val.
 - Precision, recall, density and coverage (``fedtwin.manifold``) in the same features,
   against val, with real train against val as the ceiling. Coverage is what shows collapse.
+  These features keep what separates the classes and little else: they cannot see whether
+  an image looks real. ``fedtwin.realism`` measures that.
 
 Images are uint8 ``(N, H, W)``; labels int ``(N,)``.
 """
@@ -252,9 +254,16 @@ def fidelity_report(
 def evaluate_twin(
     twin: Data, real_train: Data, val: Data, eval_cfg: Mapping, *, n_classes: int, progress=False
 ) -> dict[str, Any]:
-    """TSTR, TRTR, Fréchet distances and PRDC of a twin; see the module docstring."""
+    """TSTR, TRTR, Fréchet distances and PRDC of a twin (see the module docstring), and
+    whether it looks real (``fedtwin.realism``: the two-sample test and the spectra)."""
+    from fedtwin.realism import realism_report  # it trains its classifier with this module
+
     result = tstr_trtr(twin, real_train, val, eval_cfg, n_classes, progress)
     result["frechet"], result["manifold"] = fidelity_report(
         twin, real_train, val, eval_cfg, n_classes, progress
     )
+    result["realism"] = realism_report(
+        twin[0], real_train[0], val[0], eval_cfg, seed=int(eval_cfg["seeds"][0]),
+        progress=progress,
+    )  # fmt: skip
     return result

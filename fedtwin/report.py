@@ -144,12 +144,70 @@ def _manifold_table(manifold: Mapping | None) -> str:
             rows += f"<tr><td>{label}</td><td>{html.escape(str(group))}</td>{cells}</tr>"
     head = "".join(f"<th>{k}</th>" for k in MANIFOLD)
     return (
-        f"<h3>Realism and diversity against val (k = {manifold.get('k')}, "
-        f"{manifold.get('compared_size')} images each)</h3><p>Precision: share of twin images "
-        "inside the real images' manifold; recall: share of real images inside the twin's; "
-        "coverage: share of real images with a twin image among their nearest neighbours "
-        "(low coverage = collapse); density about 1 when twin and real are alike.</p>"
+        f"<h3>Neighbourhoods in the class classifier's features, against val (k = "
+        f"{manifold.get('k')}, {manifold.get('compared_size')} images each)</h3><p>Precision: "
+        "share of twin images inside the real images' neighbourhoods; recall: share of real "
+        "images inside the twin's; coverage: share of real images with a twin image among "
+        "their nearest neighbours (low coverage = collapse); density about 1 when twin and "
+        "real are alike. <b>What these cannot see</b>: the features are those of a classifier "
+        "of the classes, which keeps what separates them and little else; a twin of smooth "
+        "blobs with the right class cues scores high here. They measure diversity and class "
+        "structure, not realism: that is the two-sample test above.</p>"
         f"<table><tr><th></th><th>class</th>{head}</tr>{rows}</table>"
+    )
+
+
+def _spectrum_png(log_power: Mapping[str, Sequence[float]]) -> str:
+    fig = Figure(figsize=(5, 3), dpi=100)
+    ax = fig.add_subplot()
+    for name in ("val", "train", "twin"):
+        if name in log_power:
+            values = log_power[name]
+            ax.plot(range(1, len(values) + 1), values, marker=".", label=name)
+    ax.set_xlabel("spatial frequency (cycles per image)")
+    ax.set_ylabel("log10 mean power")
+    ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _realism_section(realism: Mapping | None, quality: Mapping | None, twin) -> str:
+    """The quality gate's words, the two-sample test beside its floor, the spectra, and
+    the twin images the test finds most and least real."""
+    e = html.escape
+    warnings = (quality or {}).get("warnings", [])
+    banner = "".join(f'<p class="warn"><b>{e(str(w))}</b></p>' for w in warnings)
+    if not realism:
+        return f"<h2>Realism</h2>{banner}<p>Not measured.</p>"
+    ts, sp = realism["two_sample"], realism["spectrum"]
+    rows = "".join(
+        f"<tr><td>{label}</td><td>{_num(r['auc'])} [{_num(r['low'])}, {_num(r['high'])}]"
+        f"</td></tr>"
+        for label, r in (("twin vs real val", ts["twin_vs_real"]),
+                         ("floor: real train vs real val", ts["real_vs_real_floor"]))
+    )  # fmt: skip
+    floor = sp["distance_floor_train_val"]
+    ratio = sp["distance_twin_val"] / floor if floor > 0 else math.inf
+    grids = "".join(
+        f'<figure><figcaption>{title}</figcaption><img src="{_grid_png(twin[0][ts[key]])}" '
+        f'alt="{title}"></figure>'
+        for key, title in (("most_real", "most real"), ("least_real", "least real"))
+        if ts.get(key)
+    )
+    return (
+        f"<h2>Realism</h2>{banner}<p>A two-sample test: a CNN learns to tell "
+        f"{ts['fit_per_side']} twin images from as many real training images "
+        f"({ts['epochs']} epochs), then scores {ts['test_per_side']} real val images against "
+        "as many twin images it has not seen. AUC 0.5: it cannot tell them apart; 1: it "
+        "always can. The floor is the same test with real images in the twin's place.</p>"
+        f"<table><tr><th>test</th><th>AUC [95 %, DeLong]</th></tr>{rows}</table>"
+        "<p>Radial power spectrum: mean power per ring of spatial frequency (log10); fine "
+        "detail (edges, ribs, texture) is the right-hand end. Mean absolute distance of the "
+        f"log spectra, twin to val: {_num(sp['distance_twin_val'])}; real train to val "
+        f"(floor): {_num(floor)}; ratio {_num(ratio, '.1f')}.</p>"
+        f'<img src="{_spectrum_png(sp["log10_power"])}" alt="radial power spectra">'
+        "<p>The twin images the two-sample classifier finds most and least real.</p>"
+        f"<div class=grids>{grids}</div>"
     )
 
 
@@ -352,6 +410,7 @@ def write_report(
     audit: Mapping[str, Any] | None = None,
     gate: Mapping[str, Any] | None = None,
     federated_utility: Mapping[str, Any] | None = None,
+    quality: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the report atomically and return its path."""
     path = Path(path)
@@ -365,6 +424,7 @@ def write_report(
             f"<ul>{notes_html}</ul>" if notes_html else "",
             _privacy_section(epsilons, delta, dp_enabled),
             _audit_section(audit, gate or {}, federated_utility or {}, class_names),
+            _realism_section(evaluation.get("realism"), quality, twin),
             _utility_section(evaluation),
             _grids_section(real_val, twin, class_names, evaluation.get("manifold")),
             _losses_section(losses),

@@ -7,7 +7,8 @@ process (no Flower, no secure aggregation), TSTR on val at chosen rounds; writes
 Each hospital runs the same ``local_round`` as in the demo, with its own noisy label mix,
 accountant history and optimizer moments; the server averages by examples. TSTR here is a
 cheaper evaluation than the demo's (a 4,000-image twin, 10 epochs, 2 classifier seeds), so
-compare runs of this script with each other. Like the demo's twin, it is drawn from the
+compare runs of this script with each other; the realism test (two-sample AUC, spectral
+distance over its floor) is the demo's own. Like the demo's twin, it is drawn from the
 global models of the last ``twin.checkpoints`` rounds (``twin.checkpoints=1``: the last
 model alone). With ``model.conditioning=aux`` it also
 scores the discriminator's class head on val: a DP classifier that comes for free.
@@ -37,15 +38,17 @@ from fedtwin.metrics import classification_scores, features, predict_proba, trai
 from fedtwin.models import build_model, model_from_config
 from fedtwin.models.dcgan import total_variation
 from fedtwin.privacy import noisy_class_shares, plan_from_config, uses_features
+from fedtwin.realism import realism_report
 from fedtwin.tensors import get_weights, set_weights, to_tensor
 from fedtwin.twin import generate_from_rounds, label_mix
 
 
-def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None) -> dict:
+def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None, train=None) -> dict:
     """TSTR of a twin drawn from the ``recent`` global models (as ``twin.checkpoints``
     does), its precision and coverage against val in the features of ``judge`` (a CNN
-    trained on the real train split) and, for the AC-GAN, the last model's class head on
-    val."""
+    trained on the real train split), its realism against ``train`` and val (the
+    two-sample test's AUC and the spectral distance over its floor, ``fedtwin.realism``)
+    and, for the AC-GAN, the last model's class head on val."""
     models = []
     for weights in recent:
         model = model_from_config(cfg)
@@ -64,6 +67,12 @@ def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None) -
         "total_variation": smoothness(images),
         "real_total_variation": smoothness(val.images),
     }
+    if train is not None:
+        realism = realism_report(images, train.images, val.images, cfg["eval"])
+        ts, sp = realism["two_sample"], realism["spectrum"]
+        out["c2st_auc"] = ts["twin_vs_real"]["auc"]
+        out["c2st_floor"] = ts["real_vs_real_floor"]["auc"]
+        out["spectral_over_floor"] = sp["distance_twin_val"] / sp["distance_floor_train_val"]
     if judge is not None:
         out.update(prdc(features(judge, val.images), features(judge, images)))
         out["images"] = images
@@ -117,8 +126,9 @@ def main() -> None:
     rounds, steps, batch = int(fed["rounds"]), int(fed["local_steps"]), int(fed["batch_size"])
     train, val, _ = load_real_data(cfg)
     hospitals = simulate_hospitals(cfg, train)
-    judge = train_classifier(pooled_train(hospitals).images, pooled_train(hospitals).labels,
-                             n_classes, epochs=10, batch_size=128, lr=1e-3, seed=0)  # fmt: skip
+    real = pooled_train(hospitals)
+    judge = train_classifier(real.images, real.labels, n_classes, epochs=10, batch_size=128,
+                             lr=1e-3, seed=0)  # fmt: skip
     features = uses_features(cfg)
     plans = [
         plan_from_config(
@@ -162,7 +172,7 @@ def main() -> None:
         rng = torch.Generator().manual_seed(int(cfg["seed"]))
         trace = model.warm_start(int(fed["warm_start_steps"]), rng, progress=True)
         result_extra = {"warm_start_s": time.time() - start, "warm_start_loss": trace}
-        warm = scores(cfg, [get_weights(model)], twin_labels, val, judge)
+        warm = scores(cfg, [get_weights(model)], twin_labels, val, judge, real)
         save_grid(args.png, "warm", warm.pop("images"), twin_labels)
         result_extra["warm_start_scores"] = warm
         tqdm.write(f"warm start: {warm}")
@@ -184,7 +194,7 @@ def main() -> None:
     def on_round(rnd: int, weights: dict, results: list) -> None:
         recent.append(weights)
         if rnd == rounds or (args.every and rnd % args.every == 0):
-            scored = scores(cfg, list(recent), twin_labels, val, judge)
+            scored = scores(cfg, list(recent), twin_labels, val, judge, real)
             save_grid(args.png, f"round{rnd}", scored.pop("images"), twin_labels)
             result["rounds"][rnd] = {
                 "train_s": time.time() - start,

@@ -28,6 +28,7 @@ from fedtwin.config import class_weights, resolve_device
 from fedtwin.gate import consortium_key, final_epsilons, label_counts, write_gated_twin
 from fedtwin.metrics import classifier_from_config
 from fedtwin.models import model_from_config
+from fedtwin.quality import federated_quality
 from fedtwin.server import messages
 from fedtwin.signing import public_key_path
 from fedtwin.tensors import get_weights, set_weights
@@ -160,4 +161,6 @@ def make_audited_twin(
         utility["acc"],
         utility["n"],
     )
+    for warning in federated_quality(utility, cfg["eval"])["warnings"]:  # in the manifest too
+        log(WARNING, "twin quality: %s", warning)
     return gate

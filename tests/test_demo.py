@@ -97,6 +97,25 @@ def test_demo_leaves_twin_and_report(demo_run):
     assert "global generators of rounds 1, 2, an equal share each" in html
     assert ("<b>over-sampled</b>: grade_4 ×3" in html) == bool(colour)
     assert "TSTR AUC" in proc.stdout
+    # the realism test, the spectra and the quality gate: in the summary, report, terminal
+    summary = json.loads((out / "summary.json").read_text())
+    realism = summary["evaluation"]["realism"]
+    test = realism["two_sample"]["twin_vs_real"]
+    assert test["low"] <= test["auc"] <= test["high"] and test["n_positive"] == 100
+    assert len(realism["two_sample"]["most_real"]) == 16
+    assert len(realism["spectrum"]["log10_power"]["twin"]) == 14  # rings 1 .. 28 / 2
+    assert "Realism" in html and "radial power spectra" in html and "most real" in html
+    assert "What these cannot see" in html
+    assert "realism: a CNN tells twin from real val images with AUC" in proc.stdout
+    checks = summary["quality"]["checks"]
+    assert set(checks) == {"class_signal", "realism"}
+    assert checks["class_signal"]["measured"] == summary["evaluation"]["tstr"]["auc_mean"]
+    for warning in summary["quality"]["warnings"]:  # a tiny twin fails realism, say so
+        assert f"WARNING: {warning}" in proc.stdout and html.count('class="warn"') >= 1
+    assert (
+        manifest["quality"]["checks"]["class_signal"]["measured"]
+        == (manifest["federated_utility"]["auc"])
+    )
 
 
 def test_reported_epsilon_equals_independent_accountant(demo_run, request):

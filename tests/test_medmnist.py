@@ -57,7 +57,17 @@ def local_source(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def test_every_medmnist_2d_dataset_has_a_config() -> None:
-    assert medmnist.datasets() == sorted(MEDMNIST_2D)
+    assert medmnist.datasets() == sorted([*MEDMNIST_2D, "mnist"])  # and DPImageBench's MNIST
+
+
+def test_mnist_by_name_reads_a_given_file_and_says_it_has_no_download(tmp_path: Path) -> None:
+    data = load_config(["data=mnist"])["data"]
+    assert data["classes"] == [str(d) for d in range(10)] and data["channels"] == 1
+    with pytest.raises(DataError, match="data.sources is empty for 'mnist'.*data.path="):
+        medmnist.resolve_data_path({**data, "cache_dir": str(tmp_path)}, progress=False)
+    given = tmp_path / "mnist_28_trainval.npz"
+    given.write_bytes(b"")
+    assert medmnist.resolve_data_path({**data, "path": str(given)}) == given
 
 
 @pytest.mark.parametrize("name", sorted(MEDMNIST_2D))

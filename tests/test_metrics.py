@@ -11,7 +11,8 @@ from fedtwin.metrics import (
     train_classifier,
 )
 
-EVAL = {"seeds": [0], "epochs": 3, "batch_size": 64, "lr": 1e-3, "feature_epochs": 2}
+EVAL = {"seeds": [0], "epochs": 3, "batch_size": 64, "lr": 1e-3, "feature_epochs": 2,
+        "c2st_images": 200, "c2st_epochs": 3}  # fmt: skip
 
 
 def test_frechet_is_zero_for_same_set_and_analytic_for_shifted_gaussians():
@@ -54,6 +55,10 @@ def test_noise_twin_scores_worse_than_real_and_sits_above_the_floor(small_real):
     fr = result["frechet"]
     assert fr["twin_vs_val"] > 3 * fr["train_vs_val_floor"]
     assert "not Inception" in fr["feature_space"]
+    realism = result["realism"]  # noise is told from real at once, and its spectrum is flat
+    assert realism["two_sample"]["twin_vs_real"]["low"] > 0.9
+    spectrum = realism["spectrum"]
+    assert spectrum["distance_twin_val"] > 5 * spectrum["distance_floor_train_val"]
 
 
 def test_twin_missing_a_class_does_not_crash(small_real):
