@@ -13,7 +13,8 @@ ClientApp, ``fedtwin.client.client_app``, hands each message here):
   pass the budget is refused.
 - ``audit``: run the privacy audit (``fedtwin.audit.site_audit``) and the utility scoring
   (``fedtwin.utility.site_utility``) of a candidate twin on the hospital's own images,
-  and send back aggregates only.
+  and send back aggregates only; with ``audit.canaries``, also how many of its canaries
+  (``fedtwin.canaries``: trained on by a secret coin) it guessed, and how many right.
 """
 
 from __future__ import annotations
@@ -28,8 +29,18 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtwin.audit import site_audit
+from fedtwin.canaries import (
+    canary_scores,
+    coins,
+    guess,
+    hospital_secret,
+    loader_batch,
+    make_canaries,
+    tally,
+    with_canaries,
+)
 from fedtwin.config import resolve_device
-from fedtwin.data import Hospital
+from fedtwin.data import Hospital, Split
 from fedtwin.features import noisy_feature_sums, release_rows
 from fedtwin.ledger import Ledger, digest
 from fedtwin.metrics import Classifier, classifier_from_config, features
@@ -84,8 +95,9 @@ def train(msg: Message, context: Context, cfg: dict, hospital: Hospital, ledger_
         raise BudgetExceeded(reason) from None  # the round goes on without us
 
 
-def audit(msg: Message, cfg: dict, hospital: Hospital) -> Message:
-    """The audit's and the utility scoring's aggregates over the hospital's own images."""
+def audit(msg: Message, cfg: dict, hospital: Hospital, ledger_path: Path) -> Message:
+    """The audit's and the utility scoring's aggregates over the hospital's own images
+    (with canaries, their counts too)."""
     torch.set_num_threads(THREADS)
     twin = msg.content[messages.TWIN]["images"].numpy()
     classifier = Classifier(len(cfg["data"]["classes"]), int(cfg["data"].get("channels", 1)))
@@ -99,6 +111,9 @@ def audit(msg: Message, cfg: dict, hospital: Hospital) -> Message:
         embed=lambda images: features(classifier, images),
         seed=round_seed(int(cfg["seed"]), hospital.name, 0),
     )
+    counts = canary_counts(cfg, hospital, ledger_path, twin)
+    if counts is not None:
+        site["canaries"] = counts
     utility = site_utility(classifier, hospital.holdout.images, hospital.holdout.labels)
     content = RecordDict(
         {
@@ -112,6 +127,55 @@ def audit(msg: Message, cfg: dict, hospital: Hospital) -> Message:
         for key, scores in own_classifiers(cfg, hospital, (twin, labels)).items():
             content[key] = MetricRecord(messages.flatten(scores))
     return Message(content=content, reply_to=msg)
+
+
+def planted_canaries(
+    cfg: dict, hospital: Hospital, ledger_path: Path
+) -> tuple[Split, np.ndarray] | None:
+    """The hospital's canaries and its secret coins (``fedtwin.canaries``; the secret is
+    kept beside its ledger), or None without ``audit.canaries``."""
+    m = int(cfg["audit"].get("canaries") or 0)
+    if not m:
+        return None
+    shape, n_classes = hospital.train.images.shape[1:], len(cfg["data"]["classes"])
+    canaries = make_canaries(m, shape, n_classes, int(cfg["seed"]), hospital.name)
+    secret = hospital_secret(ledger_path.with_suffix(".canary-secret"))
+    return canaries, coins(secret, hospital.name, m)
+
+
+def canary_counts(
+    cfg: dict, hospital: Hospital, ledger_path: Path, twin: np.ndarray
+) -> dict[str, int] | None:
+    """Canaries, guesses and right guesses, scored with the weights this hospital last
+    sent and the label mix it trained with (both kept in its ledger); None without
+    canaries or before it trained."""
+    planted = planted_canaries(cfg, hospital, ledger_path)
+    if planted is None:
+        return None
+    ledger = Ledger(ledger_path, float(cfg["privacy"]["delta"]), cfg["privacy"]["accountant"])
+    sent, shares = ledger.last_reply("train"), ledger.last_reply("labels")
+    if sent is None or shares is None:
+        return None
+    model = model_from_config(cfg)
+    model.label_prior = torch.as_tensor(json.loads(shares), dtype=torch.float32)
+    set_weights(model, messages.unpack_reply(sent)[0])
+    canaries, taken = planted
+    scores = canary_scores(model, canaries, twin)
+    au = cfg["audit"]
+    return tally(guess(scores, float(au["canary_guesses"]), str(au["canary_side"])), taken)
+
+
+def training_records(
+    cfg: dict, hospital: Hospital, ledger_path: Path, plan: PrivacyPlan
+) -> tuple[Split, int]:
+    """The records a round trains on and the loader's batch size: the hospital's images,
+    and with canaries those its coins took, sampled at the plan's rate all the same."""
+    batch = int(cfg["federation"]["batch_size"])
+    planted = planted_canaries(cfg, hospital, ledger_path)
+    if planted is None:
+        return hospital.train, batch
+    records = with_canaries(hospital.train, *planted)
+    return records, loader_batch(len(records), plan.sample_rate)
 
 
 def own_classifiers(
@@ -154,8 +218,8 @@ def _train_round(
     if answered is not None:  # answered long ago, reply no longer kept: do not pay twice
         raise BudgetExceeded(f"round {server_round} was answered before; not again")
 
-    batch = int(cfg["federation"]["batch_size"])
     plan = _plan(msg, cfg, hospital, ledger)
+    records, batch = training_records(cfg, hospital, ledger.path, plan)
     n_classes = len(cfg["data"]["classes"])
     shares = _label_shares(ledger, hospital, n_classes, plan, str(context.run_id))
     model = model_from_config(cfg)
@@ -164,8 +228,8 @@ def _train_round(
     started = time.perf_counter()
     result = local_round(
         model,
-        hospital.train.images,
-        hospital.train.labels,
+        records.images,
+        records.labels,
         plan,
         steps=steps,
         batch_size=batch,
@@ -176,9 +240,9 @@ def _train_round(
     )
     release = (plan.noise_multiplier, plan.sample_rate, result.steps)
     epsilon = ledger.epsilon([*ledger.history(), release])  # inf when DP is off
-    metrics = dict(
-        messages.round_metrics(result.num_examples, epsilon, result.steps, result.losses, shares)
-    )
+    # The hospital's own image count: with canaries, nothing sent depends on its coins.
+    n = len(hospital.train)
+    metrics = dict(messages.round_metrics(n, epsilon, result.steps, result.losses, shares))
     metrics["train-seconds"] = time.perf_counter() - started  # the local compute alone
     # The privacy spent and the reply are on the hospital's disk before the weights leave.
     ledger.commit(

@@ -191,4 +191,5 @@ def summary(audit: Mapping[str, Any]) -> dict[str, Any]:
         else {},
         "sample_sizes": audit["sample_sizes"],
         "notes": audit["notes"],
+        **({"canaries": dict(audit["canaries"])} if "canaries" in audit else {}),
     }

@@ -201,6 +201,17 @@ class Ledger:
             ).fetchone()
         return None if row is None else bytes(row[0] or b"")
 
+    def last_reply(self, kind: str) -> bytes | None:
+        """The newest reply still kept for ``kind`` (the weights a hospital last sent, for
+        its canary audit), or None."""
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT reply FROM entries WHERE kind = ? AND reply IS NOT NULL "
+                "ORDER BY id DESC LIMIT 1",
+                (kind,),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
     def prior(self, federation: str) -> History:
         """What the ledger had spent when ``federation`` first asked: the plan for that
         federation calibrates its noise for what is left. Recorded on first use, so the

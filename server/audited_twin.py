@@ -6,8 +6,10 @@
 3. one ``query.audit`` message per hospital carries twin and classifier; each hospital
    answers with its audit and utility aggregates (``client_app.audit``), and with
    ``eval.hybrid`` the scores of its own classifiers, on its images alone and with the twin;
-4. the server pools them (``fedtwin.audit_pool.pool``, ``fedtwin.utility.pool_utility``) and
-   writes the twin directory with ``audit.json`` and a manifest holding both;
+4. the server pools them (``fedtwin.audit_pool.pool``, ``fedtwin.utility.pool_utility``; with
+   ``audit.canaries`` the canary counts and the empirical epsilon lower bound,
+   ``fedtwin.canaries.pool_canaries``) and writes the twin directory with ``audit.json``
+   and a manifest holding both;
 5. the gate (``fedtwin.gate``): only a twin that passed, or one the operator overrode
    with a recorded reason, is signed with the consortium's key (``manifest.sig``).
 """
@@ -24,6 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtwin.audit_pool import pool
+from fedtwin.canaries import pool_canaries
 from fedtwin.config import class_weights, resolve_device
 from fedtwin.gate import consortium_key, final_epsilons, label_counts, write_gated_twin
 from fedtwin.metrics import classifier_from_config
@@ -91,6 +94,15 @@ def signing_key(cfg: dict, out: Path):
     return key
 
 
+def log_canaries(canaries: dict) -> None:
+    """The canary audit in the server log: counts, the lower bound, the accounted epsilon."""
+    log(INFO, "canaries: %d of %d guesses right on %d canaries at %d hospitals; empirical "
+        "epsilon >= %.2f (95 %%; at most %.2f with these guesses) against accounted "
+        "epsilon %.2f", canaries["correct"], canaries["guessed"], canaries["canaries"],
+        canaries["hospitals"], canaries["epsilon_lower_bound"],
+        canaries["epsilon_lower_bound_max"], canaries["epsilon_accounted"])  # fmt: skip
+
+
 def make_audited_twin(
     grid: Grid, cfg: dict, out: Path, global_models: list[tuple[int, dict]], history: list[dict]
 ) -> dict[str, Any]:
@@ -127,6 +139,11 @@ def make_audited_twin(
             f"left out of the audit: {', '.join(bystanders)} did not train this generator "
             f"(none of their images is a member); their holdouts still score the utility"
         )
+    canaries = [a["canaries"] for n, a in audits.items() if n in trained and "canaries" in a]
+    if canaries:
+        accounted = max(final_epsilons(history).values())  # the weakest guarantee of them
+        audit["canaries"] = pool_canaries(canaries, float(cfg["privacy"]["delta"]), accounted)
+        log_canaries(audit["canaries"])
     missing = sorted(trained - set(audits))
     audit["not_audited"] = {"hospitals": missing, "nodes": failed}
     if missing:
