@@ -115,3 +115,18 @@ def test_every_upsampling_gives_images_of_the_configured_size(upsample):
 def test_unknown_upsampling_names_the_field():
     with pytest.raises(ValueError, match="model.upsample"):
         model(upsample="bicubic")
+
+
+@pytest.mark.parametrize("g_steps", [1, 3])
+def test_the_generator_takes_g_steps_per_discriminator_step(g_steps):
+    """model.g_steps: generator updates after each DP step of D, on new noise; D's private
+    step is taken once either way."""
+    m = model(g_steps=g_steps)
+    opt_d, [opt_g] = m.make_optimizers()
+    images, labels = torch.zeros(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)
+    before = [p.detach().clone() for p in m.discriminator.parameters()]
+    m.train_step(m.discriminator, images, labels, opt_d, [opt_g], 8, torch.Generator())
+    assert opt_g.state[next(m.generator.parameters())]["step"] == g_steps
+    assert opt_d.state[next(m.discriminator.parameters())]["step"] == 1
+    after = m.discriminator.parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))

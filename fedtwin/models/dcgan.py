@@ -79,6 +79,7 @@ class DCGANConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     d_steps: int = 1  # discriminator (DP) steps per generator step
+    g_steps: int = 1  # generator steps after each of them (post-processing: no privacy cost)
     mode_seeking: float = 0.2  # weight of the mode-seeking term that keeps G from collapsing
     # How D uses the label: "aux" (D sees the image only, and also predicts its class, as
     # in AC-GAN) or "planes" (one-hot planes stacked on the image, as in cGAN).
@@ -257,12 +258,17 @@ class DCGAN(TwinGenerator):
             return {"loss_d": loss_d.item()}
 
         # Generator: learns only through the (already private) discriminator and the
-        # already released feature statistics.
+        # already released feature statistics; each step after the first on a new batch.
         with _hooks_off(private):
-            opt_g.zero_grad(set_to_none=True)
-            losses = self._generator_loss(private, fake, fake_y, z)
-            losses["loss_g"].backward()
-            opt_g.step()
+            for step in range(self.cfg.g_steps):
+                if step:
+                    z = torch.randn(2 * half, self.cfg.latent_dim, generator=rng).to(device)
+                    fake_y = self._labels(half, rng).repeat(2).to(device)
+                    fake = self.generator(z, fake_y)
+                opt_g.zero_grad(set_to_none=True)
+                losses = self._generator_loss(private, fake, fake_y, z)
+                losses["loss_g"].backward()
+                opt_g.step()
             private_opt.zero_grad(set_to_none=True)
         return {"loss_d": loss_d.item(), **{k: v.item() for k, v in losses.items()}}
 
