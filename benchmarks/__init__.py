@@ -33,16 +33,20 @@
   (k) the ladder that locates the loss: the generator without DP and central, three times
       the rounds (the capacity ceiling) and at the default schedule (--runs runs each);
       DP central is (b), DP federated (a)
+  (l) an audit that proves it can see: the demo's setting with canaries (100 per hospital,
+      each trained on by a secret coin) at epsilon 1, epsilon 10 and with DP off (the
+      positive control), --runs runs each: canaries guessed / right, the empirical epsilon
+      lower bound beside the accounted epsilon, and the issue's acceptance checks
 
 Every demo run also keeps the realism figures: the two-sample test's AUC (twin against
 real val, and its real-against-real floor) and the spectral distance over its floor.
 
 One module per part: twin_quality (a, b, i, k), baseline (c), throughput (d), audit (e),
-catalog (f), diffusion (g), deployment (h), image_size (j); common holds what several
+catalog (f), diffusion (g), deployment (h), image_size (j), canaries (l); common holds what several
 parts share and run is the runner that writes the JSON.
 
 Usage: python -m benchmarks --out runs/benchmark.json [--quick] [--runs 3] [--eps1-runs 1]
-       [--parts a,b,c,d,e,f,g,h,i,j,k] [--last-round-alone] [hydra overrides...]. Each part is
+       [--parts a,b,c,d,e,f,g,h,i,j,k,l] [--last-round-alone] [hydra overrides...]. Each part is
 written as soon as it ends; a failed part records its error and the others still run.
 (`python scripts/benchmark.py ...` is the same.)
 """

@@ -20,6 +20,8 @@ import torch
 from benchmarks import common
 from benchmarks.audit import part_e
 from benchmarks.baseline import part_c
+from benchmarks.canaries import part_l
+from benchmarks.canaries import summary_lines as canary_lines
 from benchmarks.catalog import part_f
 from benchmarks.common import SETTING
 from benchmarks.deployment import part_h
@@ -34,7 +36,7 @@ from fedtwin.jsonio import write_json
 def main() -> int:
     parser = argparse.ArgumentParser(prog="benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
-    parser.add_argument("--parts", default="a,b,c,d,e,f,g,h,i,j,k", help="comma-separated subset")
+    parser.add_argument("--parts", default="a,b,c,d,e,f,g,h,i,j,k,l", help="comma-separated subset")
     parser.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
     parser.add_argument("--runs", type=int, default=3, help="independent runs of (a) and (b)")
     parser.add_argument("--eps1-runs", type=int, default=1, help="independent runs of (i)")
@@ -73,6 +75,7 @@ def main() -> int:
         "i": ("i_epsilon_1", lambda: part_i(out_dir, overrides, args.eps1_runs)),
         "j": ("j_image_size", lambda: part_j(cfg)),
         "k": ("k_ladder", lambda: part_k(out_dir, overrides, args.runs, cfg)),
+        "l": ("l_canaries", lambda: part_l(out_dir, overrides, args.runs)),
     }
     for key in args.parts.split(","):
         name, run = parts[key.strip()]
@@ -197,6 +200,7 @@ def summary_lines(result: dict) -> str:
                 f"({h['local_compute_alone_serial_s']:.1f} s, one after another); "
                 f"{r['bytes_per_round_per_hospital'] / 1e6:.2f} MB per round per hospital"
             )
+    lines.extend(canary_lines(result.get("l_canaries", {})))
     for name, r in result.items():
         if isinstance(r, dict) and "error" in r:
             lines.append(f"{name}: FAILED {r['error']}")

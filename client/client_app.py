@@ -18,7 +18,8 @@ messages that train or audit, not by the three that only agree and reveal keys.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,15 +62,41 @@ def make_client_app(
         from fedtwin.client import hospital
 
         site = load_hospital(context)
-        return hospital.train(msg, context, settings(context), site, ledger_path(context, site))
+        with told(context, site.name, task_of(msg)):
+            return hospital.train(msg, context, settings(context), site, ledger_path(context, site))
 
     @app.query("audit")
     def audit(msg: Message, context: Context) -> Message:
         from fedtwin.client import hospital
 
-        return hospital.audit(msg, settings(context), load_hospital(context))
+        site = load_hospital(context)
+        with told(context, site.name, "audit"):
+            return hospital.audit(msg, settings(context), site, ledger_path(context, site))
 
     return app
+
+
+def task_of(msg: Message) -> str:
+    """What a training message asks for: "feature release" or "round <n>"."""
+    from fedtwin.server import messages
+
+    config = msg.content[messages.CONFIG]
+    if str(config.get(messages.TASK, "")) == messages.RELEASE:
+        return "feature release"
+    return f"round {config['server-round']}"
+
+
+@contextlib.contextmanager
+def told(context: Context, hospital: str, task: str) -> Iterator[None]:
+    """``hospital`` doing ``task``, told to the run's progress events (``fedtwin.progress``;
+    only ``fedtwin demo`` asks for them, to show on its terminal). A deployed hospital
+    tells nothing: it writes no file where the operator's run config says."""
+    from fedtwin.progress import Events
+
+    events = Events(None) if site.deployed(context) else Events.from_run(context.run_config)
+    events.hospital(hospital, task, finished=False)
+    yield
+    events.hospital(hospital, task, finished=True)
 
 
 app = make_client_app(site.settings, site.load_site)

@@ -285,7 +285,9 @@ def resolve_device(name: str) -> str:
     return name
 
 
-RUN_KEYS = ("out", "overrides", "config")  # the run config's own keys; the others are settings
+# The run config's own keys; the others are settings. ``progress``: where the run writes its
+# progress events (fedtwin.progress), set by ``fedtwin demo`` only.
+RUN_KEYS = ("out", "overrides", "config", "progress")
 
 
 def config_from_run(run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -296,7 +298,9 @@ def config_from_run(run_config: Mapping[str, Any]) -> dict[str, Any]:
     given ``config`` (a JSON file of resolved settings, as ``fedtwin demo`` writes), that."""
     if run_config.get("config"):
         path = Path(str(run_config["config"]))
-        extra = sorted(k for k, v in run_config.items() if k not in ("out", "config") and v != "")
+        extra = sorted(
+            k for k, v in run_config.items() if k not in ("out", "config", "progress") and v != ""
+        )
         if extra:
             raise ValueError(f"run config: {', '.join(extra)} given with config={path}")
         cfg = json.loads(path.read_text())

@@ -8,9 +8,11 @@ two-sample test, spectra) and the quality gate on val -> report.html
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from fedtwin.data import (
 )
 from fedtwin.jsonio import write_json
 from fedtwin.medmnist import resolve_data_path
+from fedtwin.progress import Terminal
 
 log = logging.getLogger("fedtwin")
 
@@ -60,19 +63,36 @@ def simulate_hospitals(cfg: dict, train: Split) -> list[Hospital]:
 def run_demo(
     cfg: dict[str, Any], out: Path, progress: bool = True, verbose: bool = False
 ) -> dict[str, Any]:
-    """Run everything into ``out``; returns the summary also written to ``summary.json``.
-    ``verbose`` shows Flower's own log as the federation runs."""
+    """Run everything into ``out``; returns the summary also written to ``summary.json``,
+    with the seconds of each phase (``phases``). ``progress`` shows each phase as it runs
+    (``fedtwin.progress.Terminal``) and the evaluation's classifier epochs; ``verbose``
+    shows Flower's own log as the federation runs."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    check_config(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolve_device(str(cfg["device"]))  # device=cuda without a GPU: an error now, not later
+    with contextlib.ExitStack() as stack:
+        stream = None if progress else stack.enter_context(open(os.devnull, "w"))
+        terminal = stack.enter_context(Terminal(stream))
+        stack.enter_context(logging_redirect_tqdm())
+        return _run_phases(cfg, out, terminal, progress=progress, verbose=verbose)
+
+
+def _run_phases(
+    cfg: dict[str, Any], out: Path, terminal: Terminal, *, progress: bool, verbose: bool
+) -> dict[str, Any]:
+    """``run_demo``, each phase started on ``terminal``."""
     from fedtwin.checkpoints import read_history
     from fedtwin.gate import final_epsilons
     from fedtwin.metrics import evaluate_twin
     from fedtwin.quality import evaluation_quality
     from fedtwin.report import write_report
+    from fedtwin.server.simulation import run_federation
 
-    check_config(cfg)
     start = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    resolve_device(str(cfg["device"]))  # device=cuda without a GPU: an error now, not later
+    terminal.phase("data")
     write_json(out / "config.json", cfg)
     train, val, _ = load_real_data(cfg)
     hospitals = simulate_hospitals(cfg, train)
@@ -84,9 +104,7 @@ def run_demo(
         )
 
     # Training, then the twin: generated, audited at the hospitals, written, signed if passed.
-    from fedtwin.server.simulation import run_federation
-
-    run_federation(cfg, out, verbose=verbose)
+    run_federation(cfg, out, terminal, verbose=verbose)
     federation_time = time.time() - start
     twin_dir = out / "twin"
     if not (twin_dir / "manifest.json").is_file():
@@ -106,14 +124,17 @@ def run_demo(
         cfg["eval"],
         n_classes=n_classes,
         progress=progress,
+        on_phase=terminal.phase,
     )
     quality = evaluation_quality(evaluation, cfg["eval"])
     for warning in quality["warnings"]:
         log.warning("twin quality: %s", warning)
+    terminal.phase("report")
     wall = time.time() - start
     summary = {
         "wall_time_s": wall,
         "federation_time_s": federation_time,  # training, twin, audit at the hospitals
+        "phases": dict(terminal.seconds),  # seconds of each phase; the report's is added below
         "rounds_completed": int(manifest["rounds_completed"]),
         "generator_rounds": manifest["generator_rounds"],  # the twin's share-makers
         "epsilon_per_hospital": epsilons,
@@ -126,7 +147,6 @@ def run_demo(
         "evaluation": evaluation,
         "quality": quality,  # the quality gate on val; the manifest has the hospitals' one
     }
-    write_json(out / "summary.json", summary)
     write_report(
         out / "report.html",
         real_val=(val.images, val.labels),
@@ -143,12 +163,17 @@ def run_demo(
         federated_utility=manifest["federated_utility"],
         config=cfg,
         wall_time_s=wall,
+        phases=summary["phases"],
         notes=[
             "the twin was drawn from the global generators of rounds "
             f"{', '.join(map(str, manifest['generator_rounds']))}, an equal share each "
             "(twin.checkpoints)"
         ],
     )
+    terminal.end()
+    summary["wall_time_s"] = time.time() - start
+    summary["phases"] = dict(terminal.seconds)
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -15,7 +15,7 @@ Images are uint8 ``(N, H, W)``; labels int ``(N,)``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -251,17 +251,32 @@ def fidelity_report(
     return frechet, {"feature_space": FEATURE_SPACE, **manifold}
 
 
+EVALUATION_PHASES = ("TSTR and TRTR", "Fréchet distance and coverage", "realism two-sample test")
+
+
 def evaluate_twin(
-    twin: Data, real_train: Data, val: Data, eval_cfg: Mapping, *, n_classes: int, progress=False
+    twin: Data,
+    real_train: Data,
+    val: Data,
+    eval_cfg: Mapping,
+    *,
+    n_classes: int,
+    progress=False,
+    on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """TSTR, TRTR, Fréchet distances and PRDC of a twin (see the module docstring), and
-    whether it looks real (``fedtwin.realism``: the two-sample test and the spectra)."""
+    whether it looks real (``fedtwin.realism``: the two-sample test and the spectra).
+    ``on_phase`` is called with each of ``EVALUATION_PHASES`` as it starts."""
     from fedtwin.realism import realism_report  # it trains its classifier with this module
 
+    on_phase = on_phase or (lambda name: None)
+    on_phase(EVALUATION_PHASES[0])
     result = tstr_trtr(twin, real_train, val, eval_cfg, n_classes, progress)
+    on_phase(EVALUATION_PHASES[1])
     result["frechet"], result["manifold"] = fidelity_report(
         twin, real_train, val, eval_cfg, n_classes, progress
     )
+    on_phase(EVALUATION_PHASES[2])
     result["realism"] = realism_report(
         twin[0], real_train[0], val[0], eval_cfg, seed=int(eval_cfg["seeds"][0]),
         progress=progress,

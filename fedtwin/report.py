@@ -276,10 +276,24 @@ def _audit_section(
         f"real image at its hospital is): {copies.get('near_copies')}; holdout images "
         f"flagged by the same rule (false-positive baseline): "
         f"{copies.get('holdout_flagged')}.</p>{_ssim_line(audit.get('ssim'))}{plot}"
+        f"{_canary_line(audit.get('canaries'))}"
         f"{'<ul>' + notes + '</ul>' if notes else ''}"
         "<h3>Federated utility</h3><p>The twin-trained classifier scored on every hospital's "
         f"holdout: AUC {_num(utility.get('auc'))}, accuracy {_num(utility.get('acc'))} "
         f"over {utility.get('n')} images.</p>{_per_hospital_table(utility, class_names)}"
+    )
+
+
+def _canary_line(canaries: Mapping[str, Any] | None) -> str:
+    if not canaries:
+        return ""
+    return (
+        f"<h3>Canaries</h3><p>{canaries['correct']} of {canaries['guessed']} guesses right on "
+        f"{canaries['canaries']} synthetic canaries, each trained on with probability 1/2: "
+        f"empirical ε ≥ {_num(canaries['epsilon_lower_bound'], '.2f')} (95 %; "
+        f"{_num(canaries['epsilon_lower_bound_max'], '.2f')} if every guess were right) against "
+        f"the accounted ε {_num(canaries['epsilon_accounted'], '.2f')}. A lower bound from an "
+        "attack, never a guarantee: the guarantee is the accounted ε.</p>"
     )
 
 
@@ -393,6 +407,22 @@ def _losses_section(losses: Sequence[Mapping[str, float]]) -> str:
     )
 
 
+def _phases_section(phases: Mapping[str, float], wall_time_s: float) -> str:
+    """Where the wall time went, phase by phase (the report's own writing is not in it)."""
+    if not phases:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{seconds:.0f}</td>"
+        f"<td>{100 * seconds / max(wall_time_s, 1e-9):.0f}%</td></tr>"
+        for name, seconds in phases.items()
+    )
+    return (
+        "<h2>Time</h2><table><tr><th>phase</th><th>seconds</th><th>of the wall time</th></tr>"
+        + rows
+        + "</table>"
+    )
+
+
 def write_report(
     path: Path,
     *,
@@ -411,8 +441,10 @@ def write_report(
     gate: Mapping[str, Any] | None = None,
     federated_utility: Mapping[str, Any] | None = None,
     quality: Mapping[str, Any] | None = None,
+    phases: Mapping[str, float] | None = None,
 ) -> Path:
-    """Write the report atomically and return its path."""
+    """Write the report atomically and return its path. ``phases``: the seconds of each
+    phase of the run, in order."""
     path = Path(path)
     minutes, seconds = divmod(int(round(wall_time_s)), 60)
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
@@ -428,6 +460,7 @@ def write_report(
             _utility_section(evaluation),
             _grids_section(real_val, twin, class_names, evaluation.get("manifold")),
             _losses_section(losses),
+            _phases_section(phases or {}, wall_time_s),
             "<h2>Configuration</h2><details><summary>resolved config</summary><pre>",
             html.escape(dumps(config)),
             "</pre></details>",

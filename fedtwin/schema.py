@@ -49,6 +49,7 @@ class DCGANConfig:
     g_width: int = MISSING
     d_width: int | None = None  # None: by image size (fedtwin.models.dcgan.d_width_for)
     d_steps: int = MISSING
+    g_steps: int = MISSING
     conditioning: str = MISSING
     aux_weight: float = MISSING
     class_balance: bool = MISSING
@@ -159,6 +160,9 @@ class AuditConfig:
     bins: int = MISSING
     thresholds: AuditThresholds = field(default_factory=AuditThresholds)
     override: str | None = None
+    canaries: int = MISSING
+    canary_guesses: float = MISSING
+    canary_side: str = MISSING
 
 
 # group -> (schema name, as the group's YAML files name it in their defaults, dataclass)
@@ -229,11 +233,14 @@ RANGES: dict[str, Range] = {
     "audit.thresholds.mia_auc_max": number(0, 1),
     "audit.thresholds.dcr_ratio_min": number(0),
     "audit.thresholds.closer_to_train_max": number(0, 1),
+    "audit.canaries": whole(0, 100_000),  # per hospital; 0 = off
+    "audit.canary_guesses": number(0, 1, low_open=True),
     "model.max_grad_norm": number(0, 1e6, low_open=True),
     "model.latent_dim": whole(1, 4096),
     "model.g_width": whole(1, 1024),
     "model.d_width": whole(1, 1024, null=True),
     "model.d_steps": whole(1, 100),
+    "model.g_steps": whole(1, 100),
     "model.aux_weight": number(0, 1e6),
     "model.smoothness": number(0, 1e6),
     "model.mode_seeking": number(0, 1e6),
@@ -268,6 +275,7 @@ CHOICES: dict[str, tuple] = {
     "data.channels": (1, 3),  # grey or RGB
     "federation.partition": ("iid", "dirichlet"),
     "twin.label_mix": ("federation", "balanced"),
+    "audit.canary_side": ("out", "in", "both"),  # fedtwin.canaries.guess
     "model.conditioning": ("aux", "planes"),  # fedtwin.models.dcgan
     "model.upsample": ("nearest", "bilinear", "transposed"),  # fedtwin.models.dcgan
     "model.prediction": ("eps", "v"),  # fedtwin.models.ddpm

@@ -33,10 +33,17 @@ overrides = "{overrides}"
 """
 
 
-def write_app(directory: Path, out: Path, overrides: str = "", config: Path | None = None) -> Path:
+def write_app(
+    directory: Path,
+    out: Path,
+    overrides: str = "",
+    config: Path | None = None,
+    progress: Path | None = None,
+) -> Path:
     """Write the Flower app folder ``directory`` (one pyproject.toml) for ``flwr run``: the
     run writes to ``out`` with the shipped settings and ``overrides``, or with the resolved
-    settings of the JSON file ``config`` (as ``fedtwin demo`` writes ``config.json``)."""
+    settings of the JSON file ``config`` (as ``fedtwin demo`` writes ``config.json``), and
+    its progress events (``fedtwin.progress``) to ``progress`` if given."""
     from fedtwin import __version__
 
     if '"' in overrides or "\\" in overrides:
@@ -52,5 +59,7 @@ def write_app(directory: Path, out: Path, overrides: str = "", config: Path | No
     )
     if config is not None:
         text += f'config = "{Path(config).resolve().as_posix()}"\n'
+    if progress is not None:
+        text += f'progress = "{Path(progress).resolve().as_posix()}"\n'
     path.write_text(text)
     return path

@@ -8,6 +8,8 @@ and deployment alike. Its settings come from the Flower run config
     out        the operator's output folder: checkpoints, history.json, twin/, keys/
     overrides  Hydra overrides as on the demo's command line, e.g. "+experiment=tiny"
     <group>.<key>  any setting by its Hydra name, e.g. federation.rounds=20
+    progress   where the run appends its progress events (``fedtwin.progress``); only
+               ``fedtwin demo`` sets it, for its terminal
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fedtwin.config import check_config, config_from_run
 from fedtwin.jsonio import write_json
 from fedtwin.models import model_from_config
 from fedtwin.privacy import uses_features
+from fedtwin.progress import Events, relay_bars
 from fedtwin.server import messages
 from fedtwin.server.audited_twin import make_audited_twin
 from fedtwin.server.secagg import train_secure
@@ -76,6 +79,7 @@ def train_and_audit(
     """
     check_config(cfg)
     fed = cfg["federation"]
+    events = Events.from_run(context.run_config)  # the demo's terminal; none in deployment
     weights, done, history = initial_weights(cfg), 0, []
     previous = load_checkpoint(out) if fed.get("resume", True) else None
     if previous is not None:
@@ -99,7 +103,7 @@ def train_and_audit(
                                  rounds=1, **kwargs)  # fmt: skip
         done = 0
     if history and history[0]["round"] == 0 and "warm_start" not in history[0]:
-        weights, history = warm_start(cfg, out, weights, history)
+        weights, history = warm_start(cfg, out, weights, history, events)
     if done < int(fed["rounds"]):
         left = int(fed["rounds"]) - done
         weights, history = train(metered, context, cfg, out, weights, done, history,
@@ -109,14 +113,19 @@ def train_and_audit(
         why = f": {refusals[0]['reason']}" if refusals else ""
         raise RuntimeError(f"no hospital trained in any round, no twin to make{why}")
     n = int(cfg["twin"].get("checkpoints", 1))
+    events.phase("twin generation and its classifier")  # the hospitals tell their audits
     make_audited_twin(grid, cfg, out, recent_global_models(out, history, n), history)
 
 
-def warm_start(cfg: dict, out: Path, weights: dict, history: list[dict]) -> tuple[dict, list[dict]]:
+def warm_start(
+    cfg: dict, out: Path, weights: dict, history: list[dict], events: Events | None = None
+) -> tuple[dict, list[dict]]:
     """Fit the generator to the pooled feature release of round 0 (post-processing at the
-    server), and make that round's checkpoint the fitted model."""
+    server), and make that round's checkpoint the fitted model; its steps are counted to
+    ``events``."""
     import torch
 
+    events = events or Events(None)
     model = model_from_config(cfg)
     set_weights(model, weights)
     if model.feature_target() is None:
@@ -126,7 +135,10 @@ def warm_start(cfg: dict, out: Path, weights: dict, history: list[dict]) -> tupl
     started = time.monotonic()
     steps = int(cfg["federation"]["warm_start_steps"])
     log(INFO, "warm start: fitting the generator to the released statistics (%d steps)", steps)
-    trace = model.warm_start(steps, torch.Generator().manual_seed(int(cfg["seed"])), progress=True)
+    events.phase("warm start", total=steps, unit="steps")
+    rng = torch.Generator().manual_seed(int(cfg["seed"]))
+    with relay_bars(events):
+        trace = model.warm_start(steps, rng, progress=True)
     weights = get_weights(model)
     seconds = time.monotonic() - started
     history[0]["warm_start"] = {"seconds": seconds, "loss": trace}

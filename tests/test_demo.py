@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -73,6 +75,7 @@ def test_demo_leaves_twin_and_report(demo_run):
     assert manifest["generator_rounds"] == [1, 2]  # twin.checkpoints=5, only 2 rounds ran
     assert manifest["config"]["model"]["name"] in out.name  # the generator asked for
     assert manifest["audit"]["near_copies"] == 0
+    assert "canaries" not in manifest["audit"]  # a production twin trains on none
     gate = manifest["gate"]
     # A tiny run's images are textures far from every real image (5 warm-start steps, six
     # DP steps): which real image is nearest is then decided by a few "hub" images, and the
@@ -167,7 +170,8 @@ def test_reported_epsilon_equals_independent_accountant(demo_run, request):
         assert ledger.epsilon() == pytest.approx(independent, rel=1e-9)
 
 
-def test_dp_off_is_labelled_infinite(tmp_path, data_path):
+def test_dp_off_is_labelled_infinite_and_canaries_leave_only_counts(tmp_path, data_path):
+    from fedtwin.canaries import make_canaries
     from fedtwin.demo import run_demo
 
     cfg = load_config(
@@ -180,13 +184,27 @@ def test_dp_off_is_labelled_infinite(tmp_path, data_path):
             "twin.dicom=false",
             "model.features=null",  # the labels need training rounds only
             "eval.hybrid=false",
+            "audit.canaries=10",
         ]
     )
     summary = run_demo(cfg, tmp_path, progress=False)
     assert all(math.isinf(e) for e in summary["epsilon_per_hospital"].values())
     manifest = json.loads((tmp_path / "twin" / "manifest.json").read_text())
     assert set(manifest["privacy"]["epsilon_per_hospital"].values()) == {"inf"}
-    assert "DP off" in (tmp_path / "report.html").read_text()
+    html = (tmp_path / "report.html").read_text()
+    assert "DP off" in html
+    # the canaries: counts and the bound in audit.json, the manifest and the report; no
+    # canary image among the twin's files, no coin anywhere
+    canaries = manifest["audit"]["canaries"]
+    assert canaries == json.loads((tmp_path / "twin" / "audit.json").read_text())["canaries"]
+    assert (canaries["canaries"], canaries["guessed"]) == (20, 4)  # 2 hospitals x 10, 20 %
+    assert 0 <= canaries["correct"] <= 4 and canaries["epsilon_accounted"] == "inf"
+    assert all(isinstance(v, (int, float)) for k, v in canaries.items() if k != "epsilon_accounted")
+    assert "Canaries" in html and "never a guarantee" in html
+    twin = np.load(tmp_path / "twin" / "images.npz")["train_images"]
+    for hospital in ("hospital-0", "hospital-1"):
+        planted = make_canaries(10, (28, 28), 2, cfg["seed"], hospital).images
+        assert not {c.tobytes() for c in planted} & {t.tobytes() for t in twin}
 
 
 def test_one_hospital_with_secure_aggregation_is_refused_before_anything_starts(tmp_path):
@@ -255,3 +273,85 @@ def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
     pooled = summary["hybrid"]
     assert set(pooled) == {"twin", "hybrid", "real_only"}
     assert pooled["twin"]["n"] == sum(m["holdout"] for m in summary["per_hospital"].values())
+
+
+# What the terminal names, in order, as a tiny run goes (fedtwin.progress): the feature
+# release and the warm start only where the model releases features (the GAN).
+PHASES = [
+    "data",
+    "flower start",
+    "feature release",
+    "warm start",
+    "rounds",
+    "twin generation and its classifier",
+    "audit and utility at the hospitals",
+    "flower stop",
+    "TSTR and TRTR",
+    "Fréchet distance and coverage",
+    "realism two-sample test",
+    "report",
+]
+
+
+def test_the_terminal_names_every_phase_in_order_and_the_summary_times_them(demo_run):
+    out, proc = demo_run
+    lines = proc.stderr.replace("\r", "\n")  # tqdm's bars redraw with \r
+    done = re.findall(r"^\[[\d:]+\] (.+) done in \d+ s$", lines, re.MULTILINE)
+    summary = json.loads((out / "summary.json").read_text())
+    expected = [p for p in PHASES if p in summary["phases"]]
+    assert done == expected == list(summary["phases"])
+    assert set(PHASES) - set(expected) <= {"feature release", "warm start"}
+    assert all(seconds >= 0 for seconds in summary["phases"].values())
+    assert "<h2>Time</h2>" in (out / "report.html").read_text()
+    assert "INFO" not in proc.stderr  # Flower's own log stays out without --verbose
+
+
+def test_a_stopped_demo_leaves_no_process_behind(tmp_path, data_path):
+    """SIGTERM once the federation runs (its first phase after Flower's start): the demo
+    ends, and so does every process it started (SuperLink, SuperExec, the simulation,
+    Ray's), found from /proc while it ran and by the output folder in their command lines."""
+    import queue
+    import signal
+    import threading
+    import time
+
+    from fedtwin.localnet import _alive, descendants
+
+    cmd = [sys.executable, "-m", "fedtwin.cli", "demo", "--out", str(tmp_path),
+           "+experiment=tiny", f"data.path={data_path}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    started, seen, deadline = set(), [], time.monotonic() + 300
+    try:
+        while not any("flower start done" in line for line in seen):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+            started |= set(descendants(proc.pid))
+            try:
+                seen.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                pass
+        started |= set(descendants(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(started) >= 3  # the SuperLink, its simulation process, Ray's
+    wait_until = time.monotonic() + 30
+    while (left := [p for p in started if _alive(p)]) and time.monotonic() < wait_until:
+        time.sleep(0.5)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes() for p in left if _alive(p)]
+    assert not [pid for pid in _pids_naming(str(tmp_path)) if _alive(pid)]
+
+
+def _pids_naming(text: str) -> list[int]:
+    """The processes whose command line holds ``text``."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
