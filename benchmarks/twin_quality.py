@@ -16,6 +16,9 @@ from pathlib import Path
 
 from benchmarks.common import SETTING, repeated
 
+# one hospital: there is no sum to hide an update in, so no secure aggregation
+CENTRAL = ["federation.hospitals=1", "federation.secure_aggregation=false"]
+
 
 def part_a(out_dir: Path, overrides: list[str], runs: int) -> dict:
     return repeated(out_dir / "a_federated", SETTING + overrides, runs)
@@ -26,16 +29,12 @@ def part_i(out_dir: Path, overrides: list[str], runs: int) -> dict:
 
 
 def part_b(out_dir: Path, overrides: list[str], runs: int) -> dict:
-    # one hospital: there is no sum to hide an update in, so no secure aggregation
     central = [*SETTING, *overrides, *CENTRAL]
     return {
         "note": "the same generator and privacy plan on the pooled training images of the "
         "4 hospitals' split (one hospital, same rounds x local steps, same epsilon)",
         **repeated(out_dir / "b_central", central, runs),
     }
-
-
-CENTRAL = ["federation.hospitals=1", "federation.secure_aggregation=false"]
 
 
 def part_k(out_dir: Path, overrides: list[str], runs: int, cfg: dict) -> dict:

@@ -24,8 +24,6 @@ from omegaconf import OmegaConf
 
 from fedtwin import schema
 
-ACCOUNTANTS = schema.CHOICES["privacy.accountant"]  # the Opacus accountants fedtwin uses
-
 
 def load_config(overrides: list[str] | None = None) -> dict[str, Any]:
     """The resolved run config as a plain dict, e.g. ``load_config(["+experiment=tiny"])``.

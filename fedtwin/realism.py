@@ -157,6 +157,8 @@ def realism_report(
     order = np.argsort(scores, kind="stable")
     spectra = {name: radial_spectrum(x) for name, x in (("twin", twin), ("train", real_train),
                                                          ("val", val))}  # fmt: skip
+    distance = spectral_distance(spectra["twin"], spectra["val"])
+    spectral_floor = spectral_distance(spectra["train"], spectra["val"])
     return {
         "two_sample": {
             "twin_vs_real": test,
@@ -169,7 +171,8 @@ def realism_report(
         },
         "spectrum": {
             "log10_power": {k: s.tolist() for k, s in spectra.items()},
-            "distance_twin_val": spectral_distance(spectra["twin"], spectra["val"]),
-            "distance_floor_train_val": spectral_distance(spectra["train"], spectra["val"]),
+            "distance_twin_val": distance,
+            "distance_floor_train_val": spectral_floor,
+            "distance_over_floor": distance / spectral_floor if spectral_floor > 0 else None,
         },
     }

@@ -186,8 +186,6 @@ def _realism_section(realism: Mapping | None, quality: Mapping | None, twin) -> 
         for label, r in (("twin vs real val", ts["twin_vs_real"]),
                          ("floor: real train vs real val", ts["real_vs_real_floor"]))
     )  # fmt: skip
-    floor = sp["distance_floor_train_val"]
-    ratio = sp["distance_twin_val"] / floor if floor > 0 else math.inf
     grids = "".join(
         f'<figure><figcaption>{title}</figcaption><img src="{_grid_png(twin[0][ts[key]])}" '
         f'alt="{title}"></figure>'
@@ -204,7 +202,8 @@ def _realism_section(realism: Mapping | None, quality: Mapping | None, twin) -> 
         "<p>Radial power spectrum: mean power per ring of spatial frequency (log10); fine "
         "detail (edges, ribs, texture) is the right-hand end. Mean absolute distance of the "
         f"log spectra, twin to val: {_num(sp['distance_twin_val'])}; real train to val "
-        f"(floor): {_num(floor)}; ratio {_num(ratio, '.1f')}.</p>"
+        f"(floor): {_num(sp['distance_floor_train_val'])}; ratio "
+        f"{_num(sp.get('distance_over_floor'), '.1f')}.</p>"
         f'<img src="{_spectrum_png(sp["log10_power"])}" alt="radial power spectra">'
         "<p>The twin images the two-sample classifier finds most and least real.</p>"
         f"<div class=grids>{grids}</div>"

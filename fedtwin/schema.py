@@ -10,7 +10,7 @@ themselves, and a comment on each, are in the YAML files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -215,7 +215,7 @@ RANGES: dict[str, Range] = {
     "federation.secagg.timeout_s": number(0, 86_400, low_open=True, null=True),
     "twin.size": whole(1, 1_000_000),
     "twin.checkpoints": whole(1, 10_000),
-    "eval.seeds": whole(0, 2**32 - 1, each=True),
+    "eval.seeds": replace(SEED, each=True),
     "eval.epochs": whole(1, 10_000),
     "eval.batch_size": whole(1, 65_536),
     "eval.lr": LEARNING_RATE,

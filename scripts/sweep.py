@@ -35,7 +35,7 @@ from fedtwin.inprocess import run_rounds
 from fedtwin.jsonio import write_json
 from fedtwin.manifold import prdc
 from fedtwin.metrics import classification_scores, features, predict_proba, train_classifier
-from fedtwin.models import build_model, model_from_config
+from fedtwin.models import model_from_config
 from fedtwin.models.dcgan import total_variation
 from fedtwin.privacy import noisy_class_shares, plan_from_config, uses_features
 from fedtwin.realism import realism_report
@@ -55,14 +55,17 @@ def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None, t
         set_weights(model, weights)
         models.append(model)
     images = generate_from_rounds(models, labels, seed=0)
-    aucs = []
+    aucs, accs = [], []
     for seed in (0, 1):
         clf = train_classifier(images, labels, model.n_classes, epochs=10, batch_size=128,
                                lr=1e-3, seed=seed)  # fmt: skip
-        aucs.append(classification_scores(predict_proba(clf, val.images), val.labels)["auc"])
+        scored = classification_scores(predict_proba(clf, val.images), val.labels)
+        aucs.append(scored["auc"])
+        accs.append(scored["acc"])
     out = {
         "tstr_auc": float(np.mean(aucs)),
         "tstr_auc_per_seed": aucs,
+        "tstr_acc": float(np.mean(accs)),
         "models": len(models),
         "total_variation": smoothness(images),
         "real_total_variation": smoothness(val.images),
@@ -72,7 +75,7 @@ def scores(cfg: dict, recent: list[dict], labels: np.ndarray, val, judge=None, t
         ts, sp = realism["two_sample"], realism["spectrum"]
         out["c2st_auc"] = ts["twin_vs_real"]["auc"]
         out["c2st_floor"] = ts["real_vs_real_floor"]["auc"]
-        out["spectral_over_floor"] = sp["distance_twin_val"] / sp["distance_floor_train_val"]
+        out["spectral_over_floor"] = sp["distance_over_floor"]
     if judge is not None:
         out.update(prdc(features(judge, val.images), features(judge, images)))
         out["images"] = images
@@ -147,8 +150,7 @@ def main() -> None:
     histories = [p.one_shot_releases() if p.enabled else [] for p in plans]
     twin_labels = label_mix(label_shares(hospitals), 4000, "federation", 0)
     torch.manual_seed(int(cfg["seed"]))
-    image_size = cfg["data"]["image_size"]
-    model = build_model(cfg["model"], n_classes, image_size)
+    model = model_from_config(cfg)
     result_extra = {}
     if features:  # each hospital's one release, averaged by examples as FedAvg does
         start = time.time()
@@ -187,7 +189,7 @@ def main() -> None:
     start = time.time()
 
     def model_for(i: int):
-        model = build_model(cfg["model"], n_classes, image_size)
+        model = model_from_config(cfg)
         model.label_prior = torch.as_tensor(priors[i], dtype=torch.float32)
         return model
 

@@ -92,6 +92,7 @@ def test_realism_report_keeps_its_sets_apart_and_names_the_extremes(real) -> Non
     assert len(most) == len(least) == 16 and not most & least
     sp = report["spectrum"]
     assert sp["distance_twin_val"] > 5 * sp["distance_floor_train_val"]
+    assert sp["distance_over_floor"] == sp["distance_twin_val"] / sp["distance_floor_train_val"]
     with pytest.raises(ValueError, match="at least 10 images"):
         realism_report(twin[:15], real[400:1100], real[1100:], EVAL)
 

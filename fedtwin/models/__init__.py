@@ -14,7 +14,7 @@ __all__ = ["DPTrainable", "TwinGenerator", "DCGAN", "DCGANConfig", "DDPM", "DDPM
 __all__ += ["build_model", "check_image_size", "model_from_config"]
 
 GENERATORS = {"dcgan": (DCGAN, DCGANConfig), "ddpm": (DDPM, DDPMConfig)}
-# each generator halves the image a fixed number of times: the sizes it can make
+# each generator's check of the image sizes it can make (the halvings of its network)
 IMAGE_SIZE_RULES = {"dcgan": halvings, "ddpm": ddpm.check_image_size}
 
 

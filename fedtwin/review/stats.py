@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 from fedtwin.histograms import wilson_interval
-from fedtwin.review.names import MAX_CLASS_NAME, is_name
+from fedtwin.review.names import MAX_CLASS_NAME, class_names_problem, is_name
 from fedtwin.review.store import Study
 
 FORMAT = "fedtwin reader study aggregate"
@@ -161,10 +161,7 @@ def _check_images(images: object, where: str) -> None:
 
 def _check_classes(names: object, per_class: object, where: str) -> None:
     if (
-        not isinstance(names, list)
-        or not names
-        or not all(_name(n) for n in names)
-        or len(set(names)) != len(names)
+        class_names_problem(names) is not None
         or not isinstance(per_class, dict)
         or set(per_class) != set(names)
     ):
