@@ -46,6 +46,7 @@ def run_demo_command(out: Path, overrides: list[str]) -> dict:
     return {
         "command_wall_time_s": wall,
         "federation_time_s": summary["federation_time_s"],
+        "phases": summary.get("phases"),  # seconds of each phase (the demo's own clock)
         "gate": summary["gate"],
         "audit": summary["audit"],
         "federated_utility": {

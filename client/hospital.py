@@ -14,7 +14,10 @@ ClientApp, ``fedtwin.client.client_app``, hands each message here):
 - ``audit``: run the privacy audit (``fedtwin.audit.site_audit``) and the utility scoring
   (``fedtwin.utility.site_utility``) of a candidate twin on the hospital's own images,
   and send back aggregates only; with ``audit.canaries``, also how many of its canaries
-  (``fedtwin.canaries``: trained on by a secret coin) it guessed, and how many right.
+  (``fedtwin.canaries``: trained on by a secret coin) it guessed, and how many right;
+  with ``eval.hybrid``, also the scores of classifiers it trains on its own images: the
+  twin's classifier alone and with the twin, and the two-sample test of the twin's
+  realism (``fedtwin.realism.site_two_sample``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from fedtwin.privacy import (
     plan_from_config,
     uses_features,
 )
+from fedtwin.realism import site_two_sample
 from fedtwin.seeds import derive_seed
 from fedtwin.server import messages
 from fedtwin.tensors import set_weights
@@ -97,7 +101,8 @@ def train(msg: Message, context: Context, cfg: dict, hospital: Hospital, ledger_
 
 def audit(msg: Message, cfg: dict, hospital: Hospital, ledger_path: Path) -> Message:
     """The audit's and the utility scoring's aggregates over the hospital's own images
-    (with canaries, their counts too)."""
+    (with canaries, their counts too; with ``eval.hybrid``, its own classifiers' scores
+    and its two-sample test's)."""
     torch.set_num_threads(THREADS)
     twin = msg.content[messages.TWIN]["images"].numpy()
     classifier = Classifier(len(cfg["data"]["classes"]), int(cfg["data"].get("channels", 1)))
@@ -126,6 +131,15 @@ def audit(msg: Message, cfg: dict, hospital: Hospital, ledger_path: Path) -> Mes
         labels = msg.content[messages.TWIN]["labels"].numpy()  # sends no labels
         for key, scores in own_classifiers(cfg, hospital, (twin, labels)).items():
             content[key] = MetricRecord(messages.flatten(scores))
+    if cfg["eval"]["hybrid"]:  # a classifier trained here too: the node may refuse it
+        test = site_two_sample(
+            twin,
+            hospital.train.images,
+            hospital.holdout.images,
+            cfg["eval"],
+            seed=derive_seed(int(cfg["seed"]), hospital.name, "two-sample"),
+        )
+        content[messages.TWO_SAMPLE] = MetricRecord(messages.flatten(test))
     return Message(content=content, reply_to=msg)
 
 

@@ -13,7 +13,8 @@ config (``--node-config``), never in the server's run config:
     name='hospital-0'              (optional; default from hospital.json or the file name)
     dp=true                        (optional; only a node config can turn DP off)
     hybrid=true                    (optional; false: never send the scores of classifiers
-                                   trained here, whatever the run's eval.hybrid)
+                                   trained here, whatever the run's eval.hybrid: neither
+                                   the hybrid utility's nor the two-sample test's)
 
 The run's other settings (model, rounds, local steps, batch size) come from the server.
 The budget comes only from here; the server cannot raise it or switch DP off.

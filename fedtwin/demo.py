@@ -86,7 +86,7 @@ def _run_phases(
     """``run_demo``, each phase started on ``terminal``."""
     from fedtwin.checkpoints import read_history
     from fedtwin.gate import final_epsilons
-    from fedtwin.metrics import evaluate_twin
+    from fedtwin.metrics import TWIN_CLASSIFIER, evaluate_twin, load_classifier, recipe
     from fedtwin.quality import evaluation_quality
     from fedtwin.report import write_report
     from fedtwin.server.simulation import run_federation
@@ -117,6 +117,10 @@ def _run_phases(
         images, labels = npz["train_images"], npz["train_labels"][:, 0].astype(np.int64)
 
     real_train = pooled_train(hospitals)
+    seed = int(cfg["seed"])
+    made_by = recipe(images, labels, cfg["eval"], seed)
+    channels = int(cfg["data"].get("channels", 1))
+    server_classifier = load_classifier(out / TWIN_CLASSIFIER, made_by, n_classes, channels)
     evaluation = evaluate_twin(
         (images, labels),
         (real_train.images, real_train.labels),
@@ -125,6 +129,7 @@ def _run_phases(
         n_classes=n_classes,
         progress=progress,
         on_phase=terminal.phase,
+        twin_classifiers={seed: server_classifier} if server_classifier else None,
     )
     quality = evaluation_quality(evaluation, cfg["eval"])
     for warning in quality["warnings"]:

@@ -15,7 +15,10 @@ Images are uint8 ``(N, H, W)``; labels int ``(N,)``.
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from fedtwin.manifold import manifold_report
+from fedtwin.manifold import manifold_report, subsample
 from fedtwin.tensors import channels_of, to_tensor
 
 Data = tuple[np.ndarray, np.ndarray]  # images uint8 (N, H, W), labels (N,)
@@ -111,8 +114,10 @@ def train_classifier(
 def classifier_from_config(
     images: np.ndarray, labels: np.ndarray, n_classes: int, eval_cfg: Mapping, seed: int, **show
 ) -> Classifier:
-    """``train_classifier`` with the recipe of ``eval.*`` (epochs, batch size, lr);
-    ``show``: its ``progress`` and ``desc``."""
+    """``train_classifier`` with the recipe of ``eval.*`` (epochs, batch size, lr) on at
+    most ``eval.max_train_images`` of the images (``capped``); ``show``: its ``progress``
+    and ``desc``."""
+    images, labels = capped(images, labels, eval_cfg, seed)
     return train_classifier(
         images,
         labels,
@@ -123,6 +128,43 @@ def classifier_from_config(
         seed=seed,
         **show,
     )
+
+
+def capped(images: np.ndarray, labels: np.ndarray, eval_cfg: Mapping, seed: int) -> Data:
+    """At most ``eval.max_train_images`` of the images (a random subset drawn from ``seed``),
+    so that an evaluation classifier's cost stays bounded as archives grow."""
+    idx = subsample(len(labels), int(eval_cfg["max_train_images"]), seed)
+    return (images, labels) if len(idx) == len(labels) else (images[idx], labels[idx])
+
+
+TWIN_CLASSIFIER = "twin-classifier.pt"  # beside the twin, outside its signed files
+
+
+def recipe(images: np.ndarray, labels: np.ndarray, eval_cfg: Mapping, seed: int) -> dict:
+    """What makes a ``classifier_from_config`` model: the data (a digest) and the recipe."""
+    data = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    data.update(np.asarray(labels, np.int64).tobytes())
+    keys = ("epochs", "batch_size", "lr", "max_train_images")
+    return {"data": data.hexdigest(), "seed": int(seed), **{k: str(eval_cfg[k]) for k in keys}}
+
+
+def save_classifier(path: Path, model: Classifier, made_by: dict) -> None:
+    """Keep a trained classifier with the ``recipe`` that made it."""
+    torch.save({"recipe": made_by, "state": model.state_dict()}, path)
+
+
+def load_classifier(path: Path, made_by: dict, n_classes: int, channels: int) -> Classifier | None:
+    """The classifier saved at ``path`` if ``recipe`` made it (same data, recipe and seed),
+    else None: a missing, stale or unreadable file is trained again, never trusted."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        if saved["recipe"] != made_by:
+            return None
+        model = Classifier(n_classes, channels)
+        model.load_state_dict(saved["state"])
+    except (OSError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError):
+        return None
+    return model.eval()
 
 
 @torch.no_grad()
@@ -181,21 +223,33 @@ def _summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def tstr_trtr(
-    twin: Data, real_train: Data, val: Data, eval_cfg: Mapping, n_classes: int, progress=False
+    twin: Data,
+    real_train: Data,
+    val: Data,
+    eval_cfg: Mapping,
+    n_classes: int,
+    progress=False,
+    twin_classifiers: Mapping[int, Classifier] | None = None,
 ) -> dict[str, Any]:
-    """TSTR and TRTR over ``eval_cfg.seeds``: the same classifier, recipe and val split."""
+    """TSTR and TRTR over ``eval_cfg.seeds``: the same classifier, recipe and val split.
+    ``twin_classifiers``: seed -> a classifier already trained on this twin with this recipe
+    and seed (the server's twin classifier); TSTR scores it rather than train it again."""
     out = {}
+    trained = dict(twin_classifiers or {})
     for name, (images, labels) in (("tstr", twin), ("trtr", real_train)):
         runs = []
         for seed in eval_cfg["seeds"]:
-            model = classifier_from_config(
-                images, labels, n_classes, eval_cfg, int(seed),
-                progress=progress, desc=f"{name.upper()} seed {seed}",
-            )  # fmt: skip
-            runs.append(
-                {"seed": int(seed), **classification_scores(predict_proba(model, val[0]), val[1])}
-            )
-        out[name] = _summarise(runs)
+            model = trained.get(int(seed)) if name == "tstr" else None
+            reused = model is not None
+            if model is None:
+                model = classifier_from_config(
+                    images, labels, n_classes, eval_cfg, int(seed),
+                    progress=progress, desc=f"{name.upper()} seed {seed}",
+                )  # fmt: skip
+            scores = classification_scores(predict_proba(model, val[0]), val[1])
+            runs.append({"seed": int(seed), **scores, "reused": reused})
+        used = min(len(labels), int(eval_cfg["max_train_images"]))
+        out[name] = _summarise(runs) | {"train_images": used, "of": len(labels)}
     return out
 
 
@@ -218,8 +272,9 @@ def fidelity_report(
     """Fréchet distances (twin vs val and vs train, with real train vs val as the floor) and
     precision/recall/density/coverage against val (``fedtwin.manifold``, real train vs val
     beside them as the ceiling), overall and per class, in one feature space."""
+    seed = int(eval_cfg["seeds"][0])
     model = train_classifier(
-        *real_train,
+        *capped(*real_train, eval_cfg, seed),
         n_classes,
         epochs=int(eval_cfg["feature_epochs"]),
         batch_size=int(eval_cfg["batch_size"]),
@@ -263,15 +318,17 @@ def evaluate_twin(
     n_classes: int,
     progress=False,
     on_phase: Callable[[str], None] | None = None,
+    twin_classifiers: Mapping[int, Classifier] | None = None,
 ) -> dict[str, Any]:
     """TSTR, TRTR, Fréchet distances and PRDC of a twin (see the module docstring), and
     whether it looks real (``fedtwin.realism``: the two-sample test and the spectra).
-    ``on_phase`` is called with each of ``EVALUATION_PHASES`` as it starts."""
+    ``on_phase`` is called with each of ``EVALUATION_PHASES`` as it starts;
+    ``twin_classifiers`` as in ``tstr_trtr``."""
     from fedtwin.realism import realism_report  # it trains its classifier with this module
 
     on_phase = on_phase or (lambda name: None)
     on_phase(EVALUATION_PHASES[0])
-    result = tstr_trtr(twin, real_train, val, eval_cfg, n_classes, progress)
+    result = tstr_trtr(twin, real_train, val, eval_cfg, n_classes, progress, twin_classifiers)
     on_phase(EVALUATION_PHASES[1])
     result["frechet"], result["manifold"] = fidelity_report(
         twin, real_train, val, eval_cfg, n_classes, progress

@@ -11,8 +11,9 @@ Two checks, each with the figure it rests on and the threshold from ``eval.*``:
   (at the hospitals' holdouts by the server; on val by the demo's evaluation). Near 0.5
   the twin's labels mean nothing (``eval.min_class_auc``).
 - **realism**: the two-sample test's AUC (``fedtwin.realism``): how well a CNN tells twin
-  from real images it has not seen (``eval.max_c2st_auc``). Measured by the demo's
-  evaluation on val; not yet at the hospitals.
+  from real images it has not seen (``eval.max_c2st_auc``). Pooled over the hospitals'
+  holdouts by the server (each hospital runs the test on its own images); on val by the
+  demo's evaluation.
 """
 
 from __future__ import annotations
@@ -38,15 +39,17 @@ def class_signal(auc: float, eval_cfg: Mapping, where: str) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def realism(c2st_auc: float, eval_cfg: Mapping) -> dict[str, Any]:
-    """Can a CNN tell twin images from real ones it has not seen?"""
+def realism(c2st_auc: float, eval_cfg: Mapping, where: str = "") -> dict[str, Any]:
+    """Can a CNN tell twin images from real ones it has not seen? ``where``: on which real
+    images, said after the figure (e.g. " on the hospitals' holdouts")."""
     high = float(eval_cfg["max_c2st_auc"])
     if c2st_auc <= high:
-        return _check(c2st_auc, high, True, f"realism: two-sample AUC {c2st_auc:.3f}")
+        return _check(c2st_auc, high, True, f"realism: two-sample AUC {c2st_auc:.3f}{where}")
     return _check(
         c2st_auc, high, False,
-        f"FAILS THE REALISM TEST: a CNN tells twin from real images with AUC {c2st_auc:.3f} "
-        f"(0.5 = it cannot; threshold {high:g}); the twin does not look like real images",
+        f"FAILS THE REALISM TEST: a CNN tells twin from real images with AUC {c2st_auc:.3f}"
+        f"{where} (0.5 = it cannot; threshold {high:g}); the twin does not look like real "
+        "images",
     )  # fmt: skip
 
 
@@ -57,15 +60,21 @@ def verdict(checks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def federated_quality(utility: Mapping[str, Any], eval_cfg: Mapping) -> dict[str, Any]:
-    """The server's quality gate, from the twin classifier's pooled holdout AUC."""
+    """The server's quality gate, from the twin classifier's pooled holdout AUC and the
+    pooled two-sample AUC of the hospitals' own tests (``utility["two_sample"]``, from
+    ``fedtwin.realism.pool_two_sample``), when they ran it."""
     checks = {}
     if utility.get("auc") is not None:
         checks["class_signal"] = class_signal(
             float(utility["auc"]), eval_cfg, "the hospitals' holdouts"
         )
-    return verdict(checks) | {
-        "realism": "not measured at the hospitals; the demo measures it on val (report.html)"
-    }
+    c2st = (utility.get("two_sample") or {}).get("auc")
+    if c2st is None:
+        return verdict(checks) | {
+            "realism": "not measured at the hospitals; the demo measures it on val (report.html)"
+        }
+    checks["realism"] = realism(float(c2st), eval_cfg, " on the hospitals' holdouts")
+    return verdict(checks)
 
 
 def evaluation_quality(evaluation: Mapping[str, Any], eval_cfg: Mapping) -> dict[str, Any]:

@@ -16,6 +16,13 @@ and still look nothing like an X-ray. Two measures that see what the eye sees:
   distance is the mean absolute difference of the log spectra over the rings, with real
   train against val as the floor.
 
+The two-sample test also runs federated, at each hospital (:func:`site_two_sample`): a CNN
+learns the hospital's training images against part of the twin, then scores its holdout
+against twin images it has not seen; the hospital sends back histograms of those scores on
+fixed shared bins, their counts and its own AUC, and :func:`pool_two_sample` adds the
+histograms up into one AUC over every hospital (as ``fedtwin.utility`` does for the twin
+classifier's scores). No per-image value leaves.
+
 Images are uint8 ``(N, H, W)`` or ``(N, H, W, C)``; nothing here knows what a twin is.
 """
 
@@ -27,10 +34,14 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm
 
+from fedtwin.histograms import auc_from_hists, hist
+from fedtwin.histograms import auc_interval as hanley_mcneil
 from fedtwin.metrics import predict_log_odds, train_classifier
+from fedtwin.utility import SCORE_BINS
 
 REAL, TWIN = 0, 1  # the two-sample classifier's labels
 SHOWN = 16  # most and least real twin images kept for the report
+MIN_PER_SIDE = 10  # fewer images a side to fit or to test on: no test
 
 
 def auc_interval(positive: np.ndarray, negative: np.ndarray, level: float = 0.95) -> dict:
@@ -77,16 +88,117 @@ def two_sample_test(
     the unseen ``real_test`` and ``other_test``. Returns the AUC with its interval (0.5:
     cannot tell) and the score of every ``other_test`` image (log-odds of "other": the
     lower, the more real it looks)."""
+    real_scores, other_scores = _fit_and_score(
+        real_fit, other_fit, real_test, other_test, epochs=epochs, batch_size=batch_size,
+        lr=lr, seed=seed, progress=progress, desc=desc,
+    )  # fmt: skip
+    result = auc_interval(other_scores, real_scores)
+    return result | {"n_fit": len(real_fit) + len(other_fit)}, other_scores
+
+
+def _fit_and_score(
+    real_fit: np.ndarray,
+    other_fit: np.ndarray,
+    real_test: np.ndarray,
+    other_test: np.ndarray,
+    **recipe: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The log-odds of "other" of ``real_test`` and of ``other_test`` by a CNN trained on
+    ``real_fit`` against ``other_fit`` (``recipe``: ``train_classifier``'s keywords)."""
     images = np.concatenate([real_fit, other_fit])
     labels = np.r_[np.full(len(real_fit), REAL), np.full(len(other_fit), TWIN)]
-    model = train_classifier(
-        images, labels, 2, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        progress=progress, desc=desc,
-    )  # fmt: skip
+    model = train_classifier(images, labels, 2, **recipe)
     real_scores = predict_log_odds(model, real_test)[:, TWIN]
     other_scores = predict_log_odds(model, other_test)[:, TWIN]
-    result = auc_interval(other_scores, real_scores)
-    return result | {"n_fit": len(images)}, other_scores
+    return real_scores, other_scores
+
+
+def site_two_sample(
+    twin: np.ndarray,
+    train_images: np.ndarray,
+    holdout_images: np.ndarray,
+    eval_cfg: Mapping,
+    *,
+    seed: int,
+) -> dict[str, Any]:
+    """The two-sample test at a hospital, on its own images: a CNN learns up to
+    ``eval.c2st_images`` of its training images against as many twin images, then scores
+    as many of its holdout images (never trained on) against twin images it has not seen
+    (the twin split in two disjoint parts). Returns aggregates only (``score_record``);
+    with fewer than ``MIN_PER_SIDE`` images a side to fit or to test on, only the counts
+    that say why, with ``skipped`` 1."""
+    cap = int(eval_cfg["c2st_images"])
+    n_test = min(len(holdout_images), cap, len(twin) // 2)
+    n_fit = min(cap, len(twin) - n_test, len(train_images))
+    if n_test < MIN_PER_SIDE or n_fit < MIN_PER_SIDE:
+        return {"skipped": 1, "n_train": len(train_images), "n_holdout": len(holdout_images),
+                "n_twin": len(twin)}  # fmt: skip
+    rng = np.random.default_rng(seed)
+    t = rng.permutation(len(twin))
+    real_fit = train_images[rng.permutation(len(train_images))[:n_fit]]
+    real_test = holdout_images[rng.permutation(len(holdout_images))[:n_test]]
+    real_scores, twin_scores = _fit_and_score(
+        real_fit, twin[t[n_test : n_test + n_fit]], real_test, twin[t[:n_test]],
+        epochs=int(eval_cfg["c2st_epochs"]), batch_size=int(eval_cfg["batch_size"]),
+        lr=float(eval_cfg["lr"]), seed=seed,
+    )  # fmt: skip
+    return score_record(real_scores, twin_scores, n_fit)
+
+
+def score_record(real_scores: np.ndarray, twin_scores: np.ndarray, n_fit: int) -> dict:
+    """What a hospital sends of its two-sample test: histograms of the log-odds of "twin"
+    of the real and of the twin images it scored, on the shared ``SCORE_BINS``; how many
+    of each it scored (``n_real``, ``n_twin``) and fitted on a side (``n_fit``); and its own
+    AUC from the exact scores. No per-image value."""
+    return {
+        "real": hist(np.asarray(real_scores, np.float64), SCORE_BINS),
+        "twin": hist(np.asarray(twin_scores, np.float64), SCORE_BINS),
+        "n_real": len(real_scores),
+        "n_twin": len(twin_scores),
+        "n_fit": int(n_fit),
+        "auc": auc_interval(twin_scores, real_scores)["auc"],
+    }
+
+
+def pool_two_sample(sites: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One AUC over every hospital that ran the test: its histograms added up (the AUC of
+    all their scores together, up to ties within a bin), with a 95 % interval (Hanley and
+    McNeil) and counts; each hospital's own AUC and counts; the hospitals that could not
+    run it, and why. ``auc`` is None when none could."""
+    tested = {n: s for n, s in sites.items() if not s.get("skipped")}
+    n_real = sum(int(s["n_real"]) for s in tested.values())
+    n_twin = sum(int(s["n_twin"]) for s in tested.values())
+    auc = low = high = None
+    if tested:
+        real = np.sum([np.asarray(s["real"]) for s in tested.values()], axis=0)
+        twin = np.sum([np.asarray(s["twin"]) for s in tested.values()], axis=0)
+        auc = auc_from_hists(twin, real)
+        low, high = hanley_mcneil(auc, n_twin, n_real)
+    per_hospital = {}
+    for name, s in tested.items():
+        own = float(s["auc"])
+        low_own, high_own = hanley_mcneil(own, int(s["n_twin"]), int(s["n_real"]))
+        per_hospital[name] = {"auc": own, "low": low_own, "high": high_own}
+        per_hospital[name] |= {k: int(s[k]) for k in ("n_real", "n_twin", "n_fit")}
+    skipped = {
+        name: f"too few images: {int(s['n_train'])} training, {int(s['n_holdout'])} holdout "
+        f"and {int(s['n_twin'])} twin images (the test needs {MIN_PER_SIDE} a side to fit on "
+        "and to test on)"
+        for name, s in sites.items()
+        if s.get("skipped")
+    }
+    return {
+        "test": "at each hospital a CNN learns its training images against part of the "
+        "twin, then scores its holdout against twin images it has not seen",
+        "auc": auc,
+        "low": low,
+        "high": high,
+        "n_real": n_real,
+        "n_twin": n_twin,
+        "hospitals": len(tested),
+        "per_hospital": per_hospital,
+        "skipped": skipped,
+    }
 
 
 def radial_spectrum(images: np.ndarray) -> np.ndarray:

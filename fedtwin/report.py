@@ -114,12 +114,25 @@ def _utility_section(evaluation: Mapping) -> str:
             f"<td>{_num(_get(r, 'acc_mean'))} ± {_num(_get(r, 'acc_std'))}</td><td>{n}</td></tr>"
         )
     fr = evaluation.get("frechet", {}) if isinstance(evaluation, Mapping) else {}
+    subsets = [
+        f"{key.upper()} on a random {r['train_images']:,} of its {r['of']:,} images"
+        for key in ("tstr", "trtr")
+        if isinstance(r := _get(evaluation, key), Mapping)
+        and isinstance(r.get("train_images"), int)
+        and isinstance(r.get("of"), int)
+        and r["train_images"] < r["of"]
+    ]
+    subset = (
+        f"<p>Trained on a subset (eval.max_train_images): {'; '.join(subsets)}.</p>"
+        if subsets
+        else ""
+    )
     space = html.escape(str(_get(fr, "feature_space") or "n/a"))
     return (
         "<h2>Utility</h2><p>A small CNN classifier scored on the real val split. TSTR: "
         "trained only on the twin; TRTR: trained on the hospitals' real training images.</p>"
         "<table><tr><th></th><th>classifier</th><th>AUC</th><th>accuracy</th><th>seeds</th>"
-        f"</tr>{rows}</table><h2>Fidelity</h2><table>"
+        f"</tr>{rows}</table>{subset}<h2>Fidelity</h2><table>"
         f"<tr><td>Fréchet distance twin ↔ val</td><td>{_num(_get(fr, 'twin_vs_val'))}</td></tr>"
         f"<tr><td>twin ↔ train</td><td>{_num(_get(fr, 'twin_vs_train'))}</td></tr>"
         f"<tr><td>floor: real train ↔ val</td><td>{_num(_get(fr, 'train_vs_val_floor'))}</td>"
@@ -171,14 +184,22 @@ def _spectrum_png(log_power: Mapping[str, Sequence[float]]) -> str:
     return _png(fig)
 
 
-def _realism_section(realism: Mapping | None, quality: Mapping | None, twin) -> str:
-    """The quality gate's words, the two-sample test beside its floor, the spectra, and
+def _realism_section(
+    realism: Mapping | None,
+    quality: Mapping | None,
+    twin,
+    federated: Mapping | None = None,
+    max_auc: float | None = None,
+) -> str:
+    """The quality gate's words, the two-sample test beside its floor, the same test at
+    the hospitals (``federated``: ``fedtwin.realism.pool_two_sample``), the spectra, and
     the twin images the test finds most and least real."""
     e = html.escape
     warnings = (quality or {}).get("warnings", [])
     banner = "".join(f'<p class="warn"><b>{e(str(w))}</b></p>' for w in warnings)
+    at_sites = _federated_two_sample(federated, max_auc)
     if not realism:
-        return f"<h2>Realism</h2>{banner}<p>Not measured.</p>"
+        return f"<h2>Realism</h2>{banner}<p>Not measured on val.</p>{at_sites}"
     ts, sp = realism["two_sample"], realism["spectrum"]
     rows = "".join(
         f"<tr><td>{label}</td><td>{_num(r['auc'])} [{_num(r['low'])}, {_num(r['high'])}]"
@@ -198,7 +219,7 @@ def _realism_section(realism: Mapping | None, quality: Mapping | None, twin) -> 
         f"({ts['epochs']} epochs), then scores {ts['test_per_side']} real val images against "
         "as many twin images it has not seen. AUC 0.5: it cannot tell them apart; 1: it "
         "always can. The floor is the same test with real images in the twin's place.</p>"
-        f"<table><tr><th>test</th><th>AUC [95 %, DeLong]</th></tr>{rows}</table>"
+        f"<table><tr><th>test</th><th>AUC [95 %, DeLong]</th></tr>{rows}</table>{at_sites}"
         "<p>Radial power spectrum: mean power per ring of spatial frequency (log10); fine "
         "detail (edges, ribs, texture) is the right-hand end. Mean absolute distance of the "
         f"log spectra, twin to val: {_num(sp['distance_twin_val'])}; real train to val "
@@ -207,6 +228,51 @@ def _realism_section(realism: Mapping | None, quality: Mapping | None, twin) -> 
         f'<img src="{_spectrum_png(sp["log10_power"])}" alt="radial power spectra">'
         "<p>The twin images the two-sample classifier finds most and least real.</p>"
         f"<div class=grids>{grids}</div>"
+    )
+
+
+def _federated_two_sample(test: Mapping | None, max_auc: float | None) -> str:
+    """The two-sample test run at each hospital on its own images: the pooled AUC, each
+    hospital's AUC and counts, and the hospitals that could not run it."""
+    if not test:
+        return ""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(name)}</td><td>{_num(r.get('auc'))} [{_num(r.get('low'))}, "
+        f"{_num(r.get('high'))}]</td><td>{r.get('n_real')} / {r.get('n_twin')}</td>"
+        f"<td>{r.get('n_fit')}</td></tr>"
+        for name, r in sorted(test.get("per_hospital", {}).items())
+    )
+    skipped = "".join(
+        f"<li>{e(name)}: {e(str(why))}</li>"
+        for name, why in sorted(test.get("skipped", {}).items())
+    )
+    auc = test.get("auc")
+    pooled = (
+        f"<tr><td>pooled</td><td>{_num(auc)} [{_num(test.get('low'))}, "
+        f"{_num(test.get('high'))}]</td><td>{test.get('n_real')} / {test.get('n_twin')}</td>"
+        "<td></td></tr>"
+        if auc is not None
+        else ""
+    )
+    warn = (
+        f'<p class="warn"><b>At the hospitals the two-sample AUC is {_num(auc)}, above '
+        f"eval.max_c2st_auc {_num(max_auc, 'g')}: a CNN tells the twin from their real "
+        "images.</b></p>"
+        if auc is not None and max_auc is not None and float(auc) > float(max_auc)
+        else ""
+    )
+    return (
+        f"<h3>At the hospitals</h3>{warn}<p>The same test run at each hospital on its own "
+        "images: a CNN learns its training images against part of the twin, then scores its "
+        "holdout against twin images it has not seen. Only histograms of the scores on "
+        "shared bins, their counts and the hospital's AUC left it; the pooled AUC is that "
+        "of every hospital's scores together (Hanley and McNeil's 95 % interval). Each "
+        "hospital trains its own CNN, so the pooled figure also mixes their scales: the "
+        "per-hospital AUCs say more about each.</p>"
+        "<table><tr><th>hospital</th><th>AUC [95 %]</th><th>holdout / twin scored</th>"
+        f"<th>fitted a side</th></tr>{rows}{pooled}</table>"
+        f"{'<ul>' + skipped + '</ul>' if skipped else ''}"
     )
 
 
@@ -455,7 +521,13 @@ def write_report(
             f"<ul>{notes_html}</ul>" if notes_html else "",
             _privacy_section(epsilons, delta, dp_enabled),
             _audit_section(audit, gate or {}, federated_utility or {}, class_names),
-            _realism_section(evaluation.get("realism"), quality, twin),
+            _realism_section(
+                evaluation.get("realism"),
+                quality,
+                twin,
+                (federated_utility or {}).get("two_sample"),
+                _get(config, "eval", "max_c2st_auc"),
+            ),
             _utility_section(evaluation),
             _grids_section(real_val, twin, class_names, evaluation.get("manifold")),
             _losses_section(losses),

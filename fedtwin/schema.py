@@ -137,6 +137,7 @@ class EvalConfig:
     lr: float = MISSING
     hybrid: bool = MISSING
     feature_epochs: int = MISSING
+    max_train_images: int = MISSING
     c2st_images: int = MISSING
     c2st_epochs: int = MISSING
     min_class_auc: float = MISSING
@@ -220,6 +221,7 @@ RANGES: dict[str, Range] = {
     "eval.batch_size": whole(1, 65_536),
     "eval.lr": LEARNING_RATE,
     "eval.feature_epochs": whole(1, 10_000),
+    "eval.max_train_images": whole(1, 100_000_000),
     "eval.c2st_images": whole(1, 1_000_000),
     "eval.c2st_epochs": whole(1, 10_000),
     "eval.min_class_auc": number(0, 1),

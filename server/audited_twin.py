@@ -5,11 +5,12 @@
 2. a classifier is trained on the twin alone (it has seen no real image, so it may travel);
 3. one ``query.audit`` message per hospital carries twin and classifier; each hospital
    answers with its audit and utility aggregates (``client_app.audit``), and with
-   ``eval.hybrid`` the scores of its own classifiers, on its images alone and with the twin;
-4. the server pools them (``fedtwin.audit_pool.pool``, ``fedtwin.utility.pool_utility``; with
-   ``audit.canaries`` the canary counts and the empirical epsilon lower bound,
-   ``fedtwin.canaries.pool_canaries``) and writes the twin directory with ``audit.json``
-   and a manifest holding both;
+   ``eval.hybrid`` the scores of its own classifiers, on its images alone and with the twin,
+   and of its two-sample test of the twin's realism (``fedtwin.realism.site_two_sample``);
+4. the server pools them (``fedtwin.audit_pool.pool``, ``fedtwin.utility.pool_utility``,
+   ``fedtwin.realism.pool_two_sample``; with ``audit.canaries`` the canary counts and the
+   empirical epsilon lower bound, ``fedtwin.canaries.pool_canaries``) and writes the twin
+   directory with ``audit.json`` and a manifest holding them;
 5. the gate (``fedtwin.gate``): only a twin that passed, or one the operator overrode
    with a recorded reason, is signed with the consortium's key (``manifest.sig``).
 """
@@ -29,9 +30,10 @@ from fedtwin.audit_pool import pool
 from fedtwin.canaries import pool_canaries
 from fedtwin.config import class_weights, resolve_device
 from fedtwin.gate import consortium_key, final_epsilons, label_counts, write_gated_twin
-from fedtwin.metrics import classifier_from_config
+from fedtwin.metrics import TWIN_CLASSIFIER, classifier_from_config, recipe, save_classifier
 from fedtwin.models import model_from_config
 from fedtwin.quality import federated_quality
+from fedtwin.realism import pool_two_sample
 from fedtwin.server import messages
 from fedtwin.signing import public_key_path
 from fedtwin.tensors import get_weights, set_weights
@@ -44,6 +46,7 @@ UTILITY_KINDS = {  # which classifier's holdout scores: the twin's, or the hospi
     "real_only": messages.UTILITY_REAL,
     "hybrid": messages.UTILITY_HYBRID,
 }
+SITE_RECORDS = {**UTILITY_KINDS, "two_sample": messages.TWO_SAMPLE}  # and its two-sample test
 
 
 def ask_hospitals(
@@ -54,8 +57,9 @@ def ask_hospitals(
     timeout: float | None,
 ) -> tuple[dict, dict, list[dict]]:
     """Send the audit query to every node; returns audit aggregates and utility aggregates
-    (``{"twin": ..., "real_only": ..., "hybrid": ...}``, the last two with ``eval.hybrid``)
-    by hospital name, and the nodes that did not answer with their reason."""
+    (``{"twin": ..., "real_only": ..., "hybrid": ..., "two_sample": ...}``, the last three
+    with ``eval.hybrid``) by hospital name, and the nodes that did not answer with their
+    reason."""
     images, labels = twin
     content = RecordDict(
         {
@@ -78,7 +82,7 @@ def ask_hospitals(
         audits[name] = messages.unflatten(dict(reply.content[messages.AUDIT]))
         utilities[name] = {
             kind: messages.unflatten(dict(reply.content[key]))
-            for kind, key in UTILITY_KINDS.items()
+            for kind, key in SITE_RECORDS.items()
             if key in reply.content
         }
     failed += [{"node": n, "reason": "no answer"} for n in nodes if n not in answered]
@@ -103,6 +107,17 @@ def log_canaries(canaries: dict) -> None:
         canaries["epsilon_lower_bound_max"], canaries["epsilon_accounted"])  # fmt: skip
 
 
+def log_two_sample(test: dict) -> None:
+    """The hospitals' two-sample test in the server log: pooled AUC, hospitals, counts."""
+    if test["auc"] is not None:
+        log(INFO, "realism at the hospitals: a CNN tells twin from real holdout images with "
+            "AUC %.3f [%.3f, %.3f] (0.5 = cannot tell) at %d hospitals, %d real and %d twin "
+            "images", test["auc"], test["low"], test["high"], test["hospitals"],
+            test["n_real"], test["n_twin"])  # fmt: skip
+    for name, reason in test["skipped"].items():
+        log(INFO, "realism: no two-sample test at %s: %s", name, reason)
+
+
 def make_audited_twin(
     grid: Grid, cfg: dict, out: Path, global_models: list[tuple[int, dict]], history: list[dict]
 ) -> dict[str, Any]:
@@ -125,6 +140,8 @@ def make_audited_twin(
     log(INFO, "twin: %d candidate images from the global models of rounds %s; training the "
         "twin classifier", len(images), ", ".join(map(str, rounds)))  # fmt: skip
     classifier = classifier_from_config(images, labels, n_classes, ev, seed)
+    # kept for the demo's evaluation: its TSTR would train this very model again
+    save_classifier(Path(out) / TWIN_CLASSIFIER, classifier, recipe(images, labels, ev, seed))
     log(INFO, "twin: privacy audit and utility at the hospitals")
     timeout = au.get("timeout_s")
     audits, utilities, failed = ask_hospitals(
@@ -157,6 +174,10 @@ def make_audited_twin(
         answered = {n: u[kind] for n, u in utilities.items() if kind in u}
         if answered:
             utility[kind] = pool_utility(answered)
+    tests = {n: u["two_sample"] for n, u in utilities.items() if "two_sample" in u}
+    if tests:  # the hospitals' two-sample tests (eval.hybrid): pooled, said in the log
+        utility["two_sample"] = pool_two_sample(tests)
+        log_two_sample(utility["two_sample"])
     gate = write_gated_twin(
         Path(out), cfg, images, labels, audit, utility, history, rounds,
         key=lambda: signing_key(cfg, out),

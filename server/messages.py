@@ -90,6 +90,10 @@ UTILITY = "utility"  # hospital -> server: the classifier's scores on its holdou
 # its own images alone and on its own images plus the twin (does the twin help *me*?)
 UTILITY_REAL = "utility-real"
 UTILITY_HYBRID = "utility-hybrid"
+# hospital -> server, with eval.hybrid: its two-sample test (fedtwin.realism.site_two_sample),
+# a CNN trained here on its images against part of the twin: histograms of the scores of its
+# holdout and of unseen twin images on shared bins, their counts and its AUC
+TWO_SAMPLE = "two-sample"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -119,6 +119,17 @@ def test_demo_leaves_twin_and_report(demo_run):
         manifest["quality"]["checks"]["class_signal"]["measured"]
         == (manifest["federated_utility"]["auc"])
     )
+    # the two-sample test at each hospital, pooled by the server, gated in the manifest
+    sites = manifest["federated_utility"]["two_sample"]
+    assert sites["hospitals"] == 2 and sites["skipped"] == {} and 0.0 <= sites["auc"] <= 1.0
+    # each scores as many unseen twin images as holdout ones, at most half the 200-image twin
+    assert sites["n_twin"] == sites["n_real"] <= 2 * 100
+    assert set(manifest["quality"]["checks"]) == {"class_signal", "realism"}
+    assert manifest["quality"]["checks"]["realism"]["measured"] == sites["auc"]
+    assert "At the hospitals" in html
+    # TSTR's seed 0 is the server's twin classifier, scored on val rather than trained again
+    assert [r["reused"] for r in summary["evaluation"]["tstr"]["per_seed"]] == [True]
+    assert [r["reused"] for r in summary["evaluation"]["trtr"]["per_seed"]] == [False]
 
 
 def test_reported_epsilon_equals_independent_accountant(demo_run, request):

@@ -12,7 +12,7 @@ from fedtwin.metrics import (
 )
 
 EVAL = {"seeds": [0], "epochs": 3, "batch_size": 64, "lr": 1e-3, "feature_epochs": 2,
-        "c2st_images": 200, "c2st_epochs": 3}  # fmt: skip
+        "c2st_images": 200, "c2st_epochs": 3, "max_train_images": 10_000}  # fmt: skip
 
 
 def test_frechet_is_zero_for_same_set_and_analytic_for_shifted_gaussians():
