@@ -133,8 +133,15 @@ def test_the_hospitals_own_classifiers_send_only_counts_and_fixed_size_histogram
         assert not reply.has_error()
         own = {messages.UTILITY_REAL, messages.UTILITY_HYBRID}
         assert set(reply.content.keys()) == {
-            messages.AUDIT, messages.UTILITY, messages.HOSPITAL, *own
+            messages.AUDIT, messages.UTILITY, messages.HOSPITAL, messages.TWO_SAMPLE, *own
         }  # fmt: skip
+        test = reply.content[messages.TWO_SAMPLE]  # the realism test: counts, histograms, AUC
+        assert set(test.keys()) == {"real", "twin", "n_real", "n_twin", "n_fit", "auc"}
+        assert test["n_real"] == test["n_twin"] <= len(h.holdout)
+        for side in ("real", "twin"):
+            assert len(test[side]) == len(SCORE_BINS) - 1 and sum(test[side]) == test[f"n_{side}"]
+            assert all(isinstance(v, int) and v >= 0 for v in test[side])
+        assert isinstance(test["auc"], float) and 0.0 <= test["auc"] <= 1.0
         for record in own:
             assert reply.content[record]["n"] == len(h.holdout)
             for key, value in reply.content[record].items():
