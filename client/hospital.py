@@ -127,19 +127,20 @@ def audit(msg: Message, cfg: dict, hospital: Hospital, ledger_path: Path) -> Mes
             messages.HOSPITAL: ConfigRecord({"name": hospital.name}),
         }
     )
-    if cfg["eval"]["hybrid"] and "labels" in msg.content[messages.TWIN]:  # an older server
-        labels = msg.content[messages.TWIN]["labels"].numpy()  # sends no labels
+    if not cfg["eval"]["hybrid"]:  # classifiers trained here: the node may refuse them
+        return Message(content=content, reply_to=msg)
+    if "labels" in msg.content[messages.TWIN]:  # an older server sends no labels
+        labels = msg.content[messages.TWIN]["labels"].numpy()
         for key, scores in own_classifiers(cfg, hospital, (twin, labels)).items():
             content[key] = MetricRecord(messages.flatten(scores))
-    if cfg["eval"]["hybrid"]:  # a classifier trained here too: the node may refuse it
-        test = site_two_sample(
-            twin,
-            hospital.train.images,
-            hospital.holdout.images,
-            cfg["eval"],
-            seed=derive_seed(int(cfg["seed"]), hospital.name, "two-sample"),
-        )
-        content[messages.TWO_SAMPLE] = MetricRecord(messages.flatten(test))
+    test = site_two_sample(
+        twin,
+        hospital.train.images,
+        hospital.holdout.images,
+        cfg["eval"],
+        seed=derive_seed(int(cfg["seed"]), hospital.name, "two-sample"),
+    )
+    content[messages.TWO_SAMPLE] = MetricRecord(messages.flatten(test))
     return Message(content=content, reply_to=msg)
 
 
