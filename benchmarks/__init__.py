@@ -37,16 +37,20 @@
       each trained on by a secret coin) at epsilon 1, epsilon 10 and with DP off (the
       positive control), --runs runs each: canaries guessed / right, the empirical epsilon
       lower bound beside the accounted epsilon, and the issue's acceptance checks
+  (m) MNIST, the DP image-synthesis yardstick (DPImageBench's split, --mnist PATH): one
+      hospital at epsilon 10 and 1 on a longer schedule, --runs runs each: the accuracy
+      of a classifier trained on the twin, on val, beside the realism figures
 
 Every demo run also keeps the realism figures: the two-sample test's AUC (twin against
 real val, and its real-against-real floor) and the spectral distance over its floor.
 
-One module per part: twin_quality (a, b, i, k), baseline (c), throughput (d), audit (e),
+One module per part: twin_quality (a, b, i, k, m), baseline (c), throughput (d), audit (e),
 catalog (f), diffusion (g), deployment (h), image_size (j), canaries (l); common holds what several
 parts share and run is the runner that writes the JSON.
 
 Usage: python -m benchmarks --out runs/benchmark.json [--quick] [--runs 3] [--eps1-runs 1]
-       [--parts a,b,c,d,e,f,g,h,i,j,k,l] [--last-round-alone] [hydra overrides...]. Each part is
+       [--parts a,b,c,d,e,f,g,h,i,j,k,l,m] [--mnist PATH] [--last-round-alone]
+       [hydra overrides...]. Without --parts: every part, (m) only with --mnist. Each part is
 written as soon as it ends; a failed part records its error and the others still run.
 (`python scripts/benchmark.py ...` is the same.)
 """

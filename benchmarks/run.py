@@ -28,7 +28,7 @@ from benchmarks.deployment import part_h
 from benchmarks.diffusion import part_g
 from benchmarks.image_size import part_j
 from benchmarks.throughput import part_d
-from benchmarks.twin_quality import part_a, part_b, part_i, part_k
+from benchmarks.twin_quality import part_a, part_b, part_i, part_k, part_m
 from fedtwin.config import load_config
 from fedtwin.jsonio import write_json
 
@@ -36,14 +36,19 @@ from fedtwin.jsonio import write_json
 def main() -> int:
     parser = argparse.ArgumentParser(prog="benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark.json"))
-    parser.add_argument("--parts", default="a,b,c,d,e,f,g,h,i,j,k,l", help="comma-separated subset")
+    parser.add_argument("--parts", help="comma-separated subset (default: a to l, and m "
+                        "with --mnist)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny config: a smoke test")
     parser.add_argument("--runs", type=int, default=3, help="independent runs of (a) and (b)")
     parser.add_argument("--eps1-runs", type=int, default=1, help="independent runs of (i)")
+    parser.add_argument("--mnist", type=Path,
+                        help="part m: MNIST .npz with DPImageBench's split")  # fmt: skip
     parser.add_argument("--last-round-alone", action="store_true",
                         help="also score the last round alone (slower)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every part")
     args = parser.parse_args()
+    if args.parts is None:
+        args.parts = "a,b,c,d,e,f,g,h,i,j,k,l" + (",m" if args.mnist else "")
 
     common.LAST_ROUND_ALONE = args.last_round_alone  # read by common.run_demo_command
     overrides = (["+experiment=tiny"] if args.quick else []) + args.overrides
@@ -76,6 +81,7 @@ def main() -> int:
         "j": ("j_image_size", lambda: part_j(cfg)),
         "k": ("k_ladder", lambda: part_k(out_dir, overrides, args.runs, cfg)),
         "l": ("l_canaries", lambda: part_l(out_dir, overrides, args.runs)),
+        "m": ("m_mnist", lambda: part_m(out_dir, args.mnist, args.overrides, args.runs)),
     }
     for key in args.parts.split(","):
         name, run = parts[key.strip()]
@@ -137,6 +143,8 @@ def summary_lines(result: dict) -> str:
     parts = {name: result.get(name, {}) for name in ("a_federated", "b_central", "i_epsilon_1")}
     parts |= {f"k {rung}": ladder[rung] for rung in ("no_dp_central_long", "no_dp_central")
               if rung in ladder}  # fmt: skip
+    mnist = result.get("m_mnist", {})
+    parts |= {f"m mnist {eps}": mnist[eps] for eps in ("epsilon_10", "epsilon_1") if eps in mnist}
     for name, part in parts.items():
         for i, r in enumerate(part.get("runs", [])):
             lines.append(demo_line(f"{name} run {i + 1}", r))

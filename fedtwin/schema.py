@@ -64,6 +64,7 @@ class DCGANConfig:
     anchor: float = MISSING
     warm_start_batch: int = MISSING
     warm_start_lr: float = MISSING
+    ema: float = MISSING
 
 
 @dataclass
@@ -254,6 +255,7 @@ RANGES: dict[str, Range] = {
     "model.anchor": number(0, 1e6),
     "model.warm_start_batch": whole(1, 65_536),
     "model.warm_start_lr": LEARNING_RATE,
+    "model.ema": number(0, 1, high_open=True),
     "model.width": whole(1, 1024),
     "model.timesteps": whole(2, 100_000),
     "model.sample_steps": whole(1, 100_000),

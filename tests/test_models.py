@@ -130,3 +130,38 @@ def test_the_generator_takes_g_steps_per_discriminator_step(g_steps):
     assert opt_d.state[next(m.discriminator.parameters())]["step"] == 1
     after = m.discriminator.parameters()
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_without_ema_the_twin_comes_from_the_generator_and_nothing_extra_is_exchanged():
+    m = model()
+    assert m.generator_ema is None
+    assert not any(k.startswith("generator_ema") for k in m.state_dict())
+
+
+def test_the_ema_generator_trails_the_generator_and_makes_the_twin():
+    """model.ema: after each generator step the average moves 1 - ema of the way to the
+    generator; it is exchanged with the weights, and sample() draws from it."""
+    m = model(ema=0.75)
+    assert any(k.startswith("generator_ema.") for k in m.state_dict())
+    assert all(not p.requires_grad for p in m.generator_ema.parameters())
+    m.update_ema(0.0)  # as after the warm start: the average is the generator
+    start = [p.detach().clone() for p in m.generator.parameters()]
+    opt_d, [opt_g] = m.make_optimizers()
+    images, labels = torch.zeros(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)
+    m.train_step(m.discriminator, images, labels, opt_d, [opt_g], 8, torch.Generator())
+    for old, new, avg in zip(start, m.generator.parameters(), m.generator_ema.parameters(),
+                             strict=True):  # fmt: skip
+        torch.testing.assert_close(avg, 0.75 * old + 0.25 * new.detach())
+    moved = [p for p, q in zip(start, m.generator.parameters(), strict=True)
+             if not torch.equal(p, q)]  # fmt: skip
+    assert moved  # the step changed the generator, so the two differ now
+    y, rng = torch.tensor([0, 1, 2]), torch.Generator
+    from_ema = m.sample(y, rng().manual_seed(1))
+    m.update_ema(0.0)
+    assert not torch.equal(from_ema, m.sample(y, rng().manual_seed(1)))
+
+
+@pytest.mark.parametrize("ema", [-0.1, 1.0])
+def test_an_ema_decay_outside_0_1_names_the_field(ema):
+    with pytest.raises(ValueError, match="model.ema"):
+        model(ema=ema)

@@ -15,6 +15,7 @@ refines it.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -101,6 +102,11 @@ class DCGANConfig:
     anchor: float = 50.0  # weight of the feature-moment term in G's loss (needs features)
     warm_start_batch: int = 128  # generated images per class per warm-start step
     warm_start_lr: float = 1e-3
+    # Decay of an exponential moving average of the generator's weights, updated after
+    # every generator step and exchanged with the weights; the twin is drawn from it. It
+    # averages out the DP noise that reaches the generator through the discriminator
+    # (post-processing: no privacy cost). 0 = none: the twin comes from the generator.
+    ema: float = 0.0
 
 
 class Generator(nn.Module):
@@ -199,6 +205,12 @@ class DCGAN(TwinGenerator):
         self.channels = cfg.channels
         self.generator = Generator(cfg)
         self.discriminator = Discriminator(cfg)
+        if not 0.0 <= cfg.ema < 1.0:
+            raise ValueError(f"model.ema={cfg.ema}: expected a decay in [0, 1), 0 = none")
+        # The twin's generator: an average of the generator's recent weights (cfg.ema)
+        self.generator_ema: Generator | None = None
+        if cfg.ema > 0:
+            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
         self._d_steps_done = 0
         self.feature_map: FeatureMap | None = None
         if cfg.features is not None:
@@ -269,8 +281,23 @@ class DCGAN(TwinGenerator):
                 losses = self._generator_loss(private, fake, fake_y, z)
                 losses["loss_g"].backward()
                 opt_g.step()
+                self.update_ema()
             private_opt.zero_grad(set_to_none=True)
         return {"loss_d": loss_d.item(), **{k: v.item() for k, v in losses.items()}}
+
+    @torch.no_grad()
+    def update_ema(self, decay: float | None = None) -> None:
+        """Move the averaged generator towards the generator by ``1 - decay`` (default:
+        ``cfg.ema``; 0 copies it). BatchNorm's running statistics are copied, not averaged:
+        they describe the generator's current activations."""
+        if self.generator_ema is None:
+            return
+        decay = self.cfg.ema if decay is None else decay
+        for kept, new in zip(self.generator_ema.parameters(), self.generator.parameters(),
+                             strict=True):  # fmt: skip
+            kept.lerp_(new, 1.0 - decay)
+        for kept, new in zip(self.generator_ema.buffers(), self.generator.buffers(), strict=True):
+            kept.copy_(new)
 
     def _d_loss(self, out: torch.Tensor, y: torch.Tensor, real: bool) -> torch.Tensor:
         """Per-image discriminator loss: real/fake, plus (AC-GAN) the class of real images.
@@ -351,15 +378,17 @@ class DCGAN(TwinGenerator):
             schedule.step()
             if step % 50 == 0 or step == steps - 1:
                 trace.append(loss.item())
+        self.update_ema(0.0)  # the average starts from the warm-started generator
         return trace
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        was_training = self.generator.training
-        self.generator.eval()
+        generator = self.generator if self.generator_ema is None else self.generator_ema
+        was_training = generator.training
+        generator.eval()
         z = torch.randn(len(labels), self.cfg.latent_dim, generator=rng)
-        out = self.generator(z.to(labels.device), labels)
-        self.generator.train(was_training)
+        out = generator(z.to(labels.device), labels)
+        generator.train(was_training)
         return out
 
 
