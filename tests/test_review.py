@@ -77,7 +77,7 @@ def _serving(port: int) -> bool:
 
 
 def test_a_reader_answers_stops_resumes_and_finishes_in_a_browser(consortium, tmp_path):
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -106,8 +106,8 @@ def test_a_reader_answers_stops_resumes_and_finishes_in_a_browser(consortium, tm
             try:
                 found = browser.find_elements(By.NAME, "token")
                 return found[0].get_attribute("value") if found else None
-            except StaleElementReferenceException:
-                return None  # a page being replaced
+            except WebDriverException:  # stale, or "does not belong to the document"
+                return None  # a page being replaced while it was read
 
         def shown(element_id: str):
             """The element, once the page that has it is loaded."""
