@@ -81,7 +81,7 @@ def main() -> int:
         "j": ("j_image_size", lambda: part_j(cfg)),
         "k": ("k_ladder", lambda: part_k(out_dir, overrides, args.runs, cfg)),
         "l": ("l_canaries", lambda: part_l(out_dir, overrides, args.runs)),
-        "m": ("m_mnist", lambda: part_m(out_dir, args.mnist, args.overrides, args.runs)),
+        "m": ("m_mnist", lambda: part_m(out_dir, args.mnist, overrides, args.runs)),
     }
     for key in args.parts.split(","):
         name, run = parts[key.strip()]

@@ -155,10 +155,10 @@ def test_the_ema_generator_trails_the_generator_and_makes_the_twin():
     moved = [p for p, q in zip(start, m.generator.parameters(), strict=True)
              if not torch.equal(p, q)]  # fmt: skip
     assert moved  # the step changed the generator, so the two differ now
-    y, rng = torch.tensor([0, 1, 2]), torch.Generator
-    from_ema = m.sample(y, rng().manual_seed(1))
+    y = torch.tensor([0, 1, 2])
+    from_ema = m.sample(y, torch.Generator().manual_seed(1))
     m.update_ema(0.0)
-    assert not torch.equal(from_ema, m.sample(y, rng().manual_seed(1)))
+    assert not torch.equal(from_ema, m.sample(y, torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("ema", [-0.1, 1.0])
