@@ -291,7 +291,7 @@ def cmd_demo(args) -> int:
             f"empirical epsilon >= {canaries['epsilon_lower_bound']:.2f} (95 %, "
             f"{canaries['correct']}/{canaries['guessed']} canary guesses right; a lower "
             f"bound from an attack, not a guarantee) against accounted "
-            f"{canaries['epsilon_accounted']:.2f}"
+            f"{float(canaries['epsilon_accounted']):.2f}"  # "inf" with DP off
         )
     print(
         f"TSTR AUC {ev['tstr']['auc_mean']:.3f} ACC {ev['tstr']['acc_mean']:.3f} | "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import subprocess
 import sys
@@ -181,25 +180,27 @@ def test_reported_epsilon_equals_independent_accountant(demo_run, request):
         assert ledger.epsilon() == pytest.approx(independent, rel=1e-9)
 
 
-def test_dp_off_is_labelled_infinite_and_canaries_leave_only_counts(tmp_path, data_path):
+def test_dp_off_is_labelled_infinite_and_canaries_leave_only_counts(tmp_path, data_path, capsys):
+    """Run as a user runs it, through the command line, to its last terminal line."""
     from fedtwin.canaries import make_canaries
-    from fedtwin.demo import run_demo
+    from fedtwin.cli import main
 
-    cfg = load_config(
-        [
-            "+experiment=tiny",
-            f"data.path={data_path}",
-            "privacy.enabled=false",
-            "federation.rounds=1",
-            "twin.size=40",
-            "twin.dicom=false",
-            "model.features=null",  # the labels need training rounds only
-            "eval.hybrid=false",
-            "audit.canaries=10",
-        ]
-    )
-    summary = run_demo(cfg, tmp_path, progress=False)
-    assert all(math.isinf(e) for e in summary["epsilon_per_hospital"].values())
+    overrides = [
+        "+experiment=tiny",
+        f"data.path={data_path}",
+        "privacy.enabled=false",
+        "federation.rounds=1",
+        "twin.size=40",
+        "twin.dicom=false",
+        "model.features=null",  # the labels need training rounds only
+        "eval.hybrid=false",
+        "audit.canaries=10",
+    ]
+    cfg = load_config(overrides)
+    assert main(["demo", "--out", str(tmp_path), *overrides]) == 0
+    said = capsys.readouterr().out
+    assert "epsilon per hospital (delta 1e-05): hospital-0 inf, hospital-1 inf" in said
+    assert re.search(r"empirical epsilon >= \d+\.\d\d .* against accounted inf", said)
     manifest = json.loads((tmp_path / "twin" / "manifest.json").read_text())
     assert set(manifest["privacy"]["epsilon_per_hospital"].values()) == {"inf"}
     html = (tmp_path / "report.html").read_text()
