@@ -16,8 +16,9 @@ ClientApp, ``fedtwin.client.client_app``, hands each message here):
   and send back aggregates only; with ``audit.canaries``, also how many of its canaries
   (``fedtwin.canaries``: trained on by a secret coin) it guessed, and how many right;
   with ``eval.hybrid``, also the scores of classifiers it trains on its own images: the
-  twin's classifier alone and with the twin, and the two-sample test of the twin's
-  realism (``fedtwin.realism.site_two_sample``).
+  twin's classifier's architecture on them alone, the twin's classifier fine-tuned on them
+  mixed with twin images, and the two-sample test of the twin's realism
+  (``fedtwin.realism.site_two_sample``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from fedtwin.config import resolve_device
 from fedtwin.data import Hospital, Split
 from fedtwin.features import noisy_feature_sums, release_rows
 from fedtwin.ledger import Ledger, digest
-from fedtwin.metrics import Classifier, classifier_from_config, features
+from fedtwin.metrics import Classifier, classifier_from_config, features, hybrid_classifier
 from fedtwin.models import model_from_config
 from fedtwin.privacy import (
     BudgetExceeded,
@@ -131,7 +132,7 @@ def audit(msg: Message, cfg: dict, hospital: Hospital, ledger_path: Path) -> Mes
         return Message(content=content, reply_to=msg)
     if "labels" in msg.content[messages.TWIN]:  # an older server sends no labels
         labels = msg.content[messages.TWIN]["labels"].numpy()
-        for key, scores in own_classifiers(cfg, hospital, (twin, labels)).items():
+        for key, scores in own_classifiers(cfg, hospital, (twin, labels), classifier).items():
             content[key] = MetricRecord(messages.flatten(scores))
     test = site_two_sample(
         twin,
@@ -194,25 +195,22 @@ def training_records(
 
 
 def own_classifiers(
-    cfg: dict, hospital: Hospital, twin: tuple[np.ndarray, np.ndarray]
+    cfg: dict, hospital: Hospital, twin: tuple[np.ndarray, np.ndarray], start: Classifier
 ) -> dict[str, dict]:
     """The hospital's own question, does the twin help *me*: the twin's classifier
-    architecture trained here on the hospital's training images alone, and on them plus the
-    twin, each scored on its holdout (``site_utility`` aggregates; the models stay here)."""
-    ev, n_classes = cfg["eval"], len(cfg["data"]["classes"])
-    train = hospital.train
-    sets = {
-        messages.UTILITY_REAL: (train.images, train.labels),
-        messages.UTILITY_HYBRID: (
-            np.concatenate([train.images, twin[0]]),
-            np.concatenate([train.labels, twin[1].astype(train.labels.dtype)]),
-        ),
+    architecture trained here on the hospital's training images alone, and the twin's
+    classifier (``start``) fine-tuned on them mixed with twin images (``hybrid_classifier``),
+    each scored on its holdout (``site_utility`` aggregates; the models stay here)."""
+    ev, n_classes, seed = cfg["eval"], len(cfg["data"]["classes"]), int(cfg["eval"]["seeds"][0])
+    own = (hospital.train.images, hospital.train.labels)
+    models = {
+        messages.UTILITY_REAL: classifier_from_config(*own, n_classes, ev, seed),
+        messages.UTILITY_HYBRID: hybrid_classifier(start, own, twin, n_classes, ev, seed),
     }
-    scores = {}
-    for key, (images, labels) in sets.items():
-        model = classifier_from_config(images, labels, n_classes, ev, int(ev["seeds"][0]))
-        scores[key] = site_utility(model, hospital.holdout.images, hospital.holdout.labels)
-    return scores
+    return {
+        key: site_utility(model, hospital.holdout.images, hospital.holdout.labels)
+        for key, model in models.items()
+    }
 
 
 def _train_round(

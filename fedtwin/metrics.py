@@ -90,11 +90,15 @@ def train_classifier(
     seed: int,
     progress: bool = False,
     desc: str = "classifier",
+    start: Classifier | None = None,
 ) -> Classifier:
-    """Adam on class-balanced cross-entropy (classes absent from ``labels`` weigh 0)."""
+    """Adam on class-balanced cross-entropy (classes absent from ``labels`` weigh 0), from
+    fresh weights or from a copy of ``start``'s (which is left as it is)."""
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     model = Classifier(n_classes, channels_of(images))
+    if start is not None:
+        model.load_state_dict(start.state_dict())
     x, y = to_tensor(images), torch.as_tensor(labels, dtype=torch.long)
     counts = torch.bincount(y, minlength=n_classes).float()
     weight = torch.where(counts > 0, len(y) / (n_classes * counts.clamp(min=1)), 0.0)
@@ -127,6 +131,30 @@ def classifier_from_config(
         lr=float(eval_cfg["lr"]),
         seed=seed,
         **show,
+    )
+
+
+def hybrid_classifier(
+    start: Classifier, own: Data, twin: Data, n_classes: int, eval_cfg: Mapping, seed: int
+) -> Classifier:
+    """A hospital's classifier with the twin: the twin's classifier (``start``, trained on
+    the whole twin) fine-tuned with the recipe of ``eval.*`` on the hospital's own images
+    mixed with as many twin images (each half a seeded random subset, the two together at
+    most ``eval.max_train_images``). The twin's half keeps the classifier from drifting to
+    the hospital's own label mix; the cost grows with the hospital's images, not with the
+    twin's size. Pretrain on synthetic, fine-tune on real: the way a hospital would use a
+    twin it is handed."""
+    n = min(len(own[1]), int(eval_cfg["max_train_images"]) // 2)
+    mine, pick = subsample(len(own[1]), n, seed), subsample(len(twin[1]), n, seed)
+    return train_classifier(
+        np.concatenate([own[0][mine], twin[0][pick]]),
+        np.concatenate([own[1][mine], twin[1][pick].astype(own[1].dtype)]),
+        n_classes,
+        epochs=int(eval_cfg["epochs"]),
+        batch_size=int(eval_cfg["batch_size"]),
+        lr=float(eval_cfg["lr"]),
+        seed=seed,
+        start=start,
     )
 
 

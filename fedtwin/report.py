@@ -378,8 +378,9 @@ def _ssim_line(similarity: Mapping[str, Any] | None) -> str:
 
 def _per_hospital_table(utility: Mapping[str, Any], class_names: Sequence[str]) -> str:
     """Each hospital's holdout (its size, images per class) scored by the twin's classifier,
-    and (eval.hybrid) by the same classifier trained at the hospital on its own images,
-    alone and with the twin: AUC / accuracy, and each class's accuracy (its recall)."""
+    and (eval.hybrid) by the hospital's own two: the same architecture trained on its own
+    images alone, and the twin's classifier fine-tuned on them mixed with twin images: AUC /
+    accuracy, and each class's accuracy (its recall)."""
     kinds = [("twin", utility)] + [(k, utility[k]) for k in ("hybrid", "real_only") if k in utility]
     heads = {"twin": "twin only", "hybrid": "own + twin", "real_only": "own images only"}
 

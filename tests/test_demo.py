@@ -232,15 +232,22 @@ def test_one_hospital_with_secure_aggregation_is_refused_before_anything_starts(
 
 
 def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
-    """Each simulated hospital's own classifiers (its images alone, and with the twin),
-    trained again here on the same data with the same seed and scored on its holdout, give
+    """Each simulated hospital's own classifiers (its images alone, and the twin's
+    classifier fine-tuned on them with twin images), trained again here on the same data
+    with the same seed and scored on its holdout, give
     the figures the hospitals sent as histograms: the same accuracy, and the same AUC from
     the same binned log-odds (the binned AUC itself can be off the exact one when a
     hospital's holdout has a handful of one class and the scores tie; that is the
     federated utility's own approximation, not the transport's)."""
     import torch
 
-    from fedtwin.metrics import classifier_from_config, predict_log_odds
+    from fedtwin.metrics import (
+        TWIN_CLASSIFIER,
+        Classifier,
+        classifier_from_config,
+        hybrid_classifier,
+        predict_log_odds,
+    )
     from fedtwin.utility import pool_utility, site_utility
 
     out, _ = demo_run
@@ -252,6 +259,8 @@ def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
     ev, threads = cfg["eval"], torch.get_num_threads()
     n_classes = len(cfg["data"]["classes"])
     assert ev["seeds"] == [0]
+    start = Classifier(n_classes)  # the twin's classifier, as the hospitals received it
+    start.load_state_dict(torch.load(out / TWIN_CLASSIFIER, weights_only=True)["state"])
     torch.set_num_threads(1)  # as at the hospitals
     try:
         for h in simulate_hospitals(cfg, train):
@@ -259,15 +268,12 @@ def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
             assert mine["holdout"] == len(h.holdout)
             counts = np.bincount(h.holdout.labels, minlength=n_classes)
             assert mine["label_mix"] == {str(c): int(n) for c, n in enumerate(counts)}
-            sets = {
-                "real_only": (h.train.images, h.train.labels),
-                "hybrid": (
-                    np.concatenate([h.train.images, twin[0]]),
-                    np.concatenate([h.train.labels, twin[1]]),
-                ),
+            own = (h.train.images, h.train.labels)
+            models = {
+                "real_only": classifier_from_config(*own, n_classes, ev, seed=0),
+                "hybrid": hybrid_classifier(start, own, twin, n_classes, ev, seed=0),
             }
-            for kind, (images, labels) in sets.items():
-                model = classifier_from_config(images, labels, n_classes, ev, seed=0)
+            for kind, model in models.items():
                 scored = site_utility(model, h.holdout.images, h.holdout.labels)
                 expected = pool_utility({h.name: scored})
                 assert mine[kind]["acc"] == pytest.approx(expected["acc"], abs=1e-9), (h.name, kind)

@@ -7,6 +7,7 @@ from fedtwin.metrics import (
     classification_scores,
     evaluate_twin,
     frechet_distance,
+    hybrid_classifier,
     predict_proba,
     train_classifier,
 )
@@ -43,6 +44,34 @@ def test_classifier_learns_and_is_deterministic(small_real):
     p1, p2 = predict_proba(m1, images[test]), predict_proba(m2, images[test])
     assert np.array_equal(p1, p2)
     assert classification_scores(p1, labels[test])["auc"] > 0.75
+
+
+def test_the_hybrid_classifier_fine_tunes_a_copy_of_the_twins_on_own_and_as_many_twin_images(
+    small_real, monkeypatch
+):
+    """It starts from the twin's classifier (at learning rate 0 it predicts exactly as that
+    one), leaves that classifier untouched, and trains on the hospital's images plus as many
+    distinct twin images, whatever the twin's size; at most ``eval.max_train_images`` in all."""
+    import fedtwin.metrics as metrics
+
+    images, labels = small_real
+    own, twin, test = (images[:40], labels[:40]), (images[100:300], labels[100:300]), images[40:100]
+    start = train_classifier(*twin, 2, epochs=2, batch_size=32, lr=2e-3, seed=0)
+    before = predict_proba(start, test)
+    still = hybrid_classifier(start, own, twin, 2, {**EVAL, "lr": 0.0}, seed=0)
+    assert np.array_equal(predict_proba(still, test), before)
+    tuned = hybrid_classifier(start, own, twin, 2, EVAL, seed=0)
+    assert np.array_equal(predict_proba(start, test), before)  # the twin's classifier as it was
+    assert not np.allclose(predict_proba(tuned, test), before)
+    seen = {}
+    monkeypatch.setattr(metrics, "train_classifier", lambda x, y, *a, **k: seen.update(x=x, y=y))
+    hybrid_classifier(start, own, twin, 2, EVAL, seed=3)
+    assert len(seen["x"]) == 80 and np.array_equal(seen["x"][:40], own[0])
+    mixed = {img.tobytes() for img in seen["x"][40:]}
+    assert len(mixed) == 40 and mixed <= {img.tobytes() for img in twin[0]}
+    hybrid_classifier(start, own, twin, 2, {**EVAL, "max_train_images": 30}, seed=3)
+    assert len(seen["x"]) == 30  # 15 of the hospital's, 15 of the twin's
+    assert {img.tobytes() for img in seen["x"][:15]} <= {img.tobytes() for img in own[0]}
 
 
 def test_noise_twin_scores_worse_than_real_and_sits_above_the_floor(small_real):
