@@ -244,6 +244,7 @@ def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
     from fedtwin.metrics import (
         TWIN_CLASSIFIER,
         Classifier,
+        channels_of,
         classifier_from_config,
         hybrid_classifier,
         predict_log_odds,
@@ -259,7 +260,8 @@ def test_hybrid_and_per_hospital_figures_match_a_central_computation(demo_run):
     ev, threads = cfg["eval"], torch.get_num_threads()
     n_classes = len(cfg["data"]["classes"])
     assert ev["seeds"] == [0]
-    start = Classifier(n_classes)  # the twin's classifier, as the hospitals received it
+    # the twin's classifier, as the hospitals received it
+    start = Classifier(n_classes, channels_of(twin[0]))
     start.load_state_dict(torch.load(out / TWIN_CLASSIFIER, weights_only=True)["state"])
     torch.set_num_threads(1)  # as at the hospitals
     try:
