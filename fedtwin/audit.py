@@ -38,6 +38,11 @@ What is computed (references in docs/audit.md):
   nearest real (other) / twin image; AUC of members vs non-members, with a negative
   control (two random halves of the holdout as members vs non-members).
 
+Above ``max_records`` images at a hospital, the holdout, the members the attacks score
+and the spacings behind the copy-ratio floor are random samples of that many; every
+training image stays the reference each twin image is searched against, so the cost
+grows with the archive, not with its square.
+
 Exact duplicates in the real data are not blamed on the generator: duplicate training
 images count once, and holdout images identical to a training image are dropped from the
 non-members (they are members in all but name). Images are uint8 ``(N, H, W)`` or, in
@@ -118,29 +123,47 @@ def coarse(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def copy_ratios(
-    train: np.ndarray, candidates: tuple[np.ndarray, ...], coarse_size: int
+    train: np.ndarray,
+    candidates: tuple[np.ndarray, ...],
+    coarse_size: int,
+    floor_rows: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
     """Per image of each candidate set (uint8): its distance to its nearest training image
     ``x`` over ``x``'s distance to its nearest other training image (floored at the 5th
-    percentile of those spacings), the smaller of pixel space and the coarse space. Below
-    1: closer to ``x`` than any other training image is; near 0: a copy. ``train`` must be
-    free of exact duplicates and hold at least 2 images. Also returns, per set, each image's
-    distance to its nearest training image in pixel space (the distance to closest record)
-    and that image's index."""
+    percentile of the spacings of the training images ``floor_rows``, all by default), the
+    smaller of pixel space and the coarse space. Below 1: closer to ``x`` than any other
+    training image is; near 0: a copy. ``train`` must be free of exact duplicates and hold
+    at least 2 images. Also returns, per set, each image's distance to its nearest training
+    image in pixel space (the distance to closest record) and that image's index.
+
+    Spacings are computed only for the training images some candidate is nearest to, and
+    for ``floor_rows``: the cost grows with ``len(train)`` times the candidates, not with
+    its square."""
     if len(train) < 2:
         raise AuditError("copy ratios need at least 2 distinct training images")
+    floor_rows = np.arange(len(train)) if floor_rows is None else np.asarray(floor_rows)
     ratios: list[list[np.ndarray]] = [[] for _ in candidates]
     pixel_nearest: list[tuple[np.ndarray, np.ndarray]] = []
     for space in (pixels, lambda x: coarse(x, coarse_size)):
         t = space(train)
-        spacing = nearest(t, t, 2)[:, 1]  # the first neighbour is the image itself
-        spacing = np.maximum(spacing, max(float(np.quantile(spacing, 0.05)), 1e-12))
-        for out, images in zip(ratios, candidates, strict=True):
-            d, j = closest(space(images), t)
-            out.append(d / spacing[j])
+        found = [closest(space(images), t) for images in candidates]
+        rows = np.union1d(floor_rows, np.concatenate([j for _, j in found]))
+        spacing = np.zeros(len(t))
+        spacing[rows] = nearest(t[rows], t, 2)[:, 1]  # the first neighbour is itself
+        floor = max(float(np.quantile(spacing[floor_rows], 0.05)), 1e-12)
+        for out, (d, j) in zip(ratios, found, strict=True):
+            out.append(d / np.maximum(spacing[j], floor))
             if space is pixels:
                 pixel_nearest.append((d, j))
     return [np.minimum(*r) for r in ratios], pixel_nearest
+
+
+def sample_rows(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """All of ``range(n)`` when ``n <= cap`` (or ``cap`` is 0), else ``cap`` of them at
+    random, in order."""
+    if cap <= 0 or n <= cap:
+        return np.arange(n)
+    return np.sort(rng.choice(n, cap, replace=False))
 
 
 def density_score(real: np.ndarray, twin: np.ndarray, k: int) -> np.ndarray:
@@ -176,6 +199,16 @@ def site_audit(
         )
     bins = Bins.for_images(twin.shape[1], int(cfg["bins"]))
     rng = np.random.default_rng(seed)
+    # A large archive: every training image stays the reference a twin image is searched
+    # against, but the holdout, the members the attacks score and the spacings that set
+    # the copy-ratio floor are random samples of at most max_records (0: all). An older
+    # server sends no max_records: every record, as it expects.
+    cap, sampler = int(cfg.get("max_records", 0)), np.random.default_rng([seed, 1])
+    n_held = len(holdout_u)
+    holdout_u = holdout_u[sample_rows(n_held, cap, sampler)]
+    members = sample_rows(len(train_u), cap, sampler)
+    counts["holdout_sampled_out"] = n_held - len(holdout_u)
+    counts["members_sampled_out"] = len(train_u) - len(members)
     px_twin, px_train, px_hold = pixels(twin), pixels(train_u), pixels(holdout_u)
     out: dict[str, Any] = {
         "n_twin": len(twin),
@@ -191,7 +224,7 @@ def site_audit(
             f"audit.copy_margin must be in (0, 0.5] and audit.copy_coarse in [1, "
             f"{twin.shape[1]}]; got {limit} and {size}"
         )
-    (r_twin, r_hold), pixel_nearest = copy_ratios(train_u, (twin, holdout_u), size)
+    (r_twin, r_hold), pixel_nearest = copy_ratios(train_u, (twin, holdout_u), size, members)
     (d_twin, j_twin), (d_hold, j_hold) = pixel_nearest
     out["copies"] = {
         "near_copies": int(np.sum(r_twin < limit)),
@@ -229,11 +262,13 @@ def site_audit(
         edges = getattr(bins, name)
         out["dcr"][name] = {"twin": hist(d_twin, edges), "holdout": hist(d_hold, edges)}
         # GAN-Leaks: a real image's distance to its nearest twin image, small = member-like.
-        member, non = nearest(tr, s, 1)[:, 0], nearest(ho, s, 1)[:, 0]
+        member, non = nearest(tr[members], s, 1)[:, 0], nearest(ho, s, 1)[:, 0]
         out["mia"][f"gan_leaks_{name}"] = _mia_hists(-member, -non, half, -edges[::-1])
     real = spaces.get("feature", spaces["pixel"])
-    score = density_score(np.concatenate([real[1], real[2]]), real[0], int(cfg["density_k"]))
-    n_tr = len(train_u)
+    score = density_score(
+        np.concatenate([real[1][members], real[2]]), real[0], int(cfg["density_k"])
+    )
+    n_tr = len(members)
     out["mia"]["density_ratio"] = _mia_hists(score[:n_tr], score[n_tr:], half, bins.score)
     return out
 

@@ -128,6 +128,8 @@ def pool(sites: Mapping[str, dict], cfg: Mapping[str, Any], image_size: int) -> 
                     "train_duplicates_removed",
                     "holdout_in_train_removed",
                     "holdout_duplicates_removed",
+                    "holdout_sampled_out",
+                    "members_sampled_out",
                 )
             },
         },

@@ -325,14 +325,22 @@ def _audit_section(
     sizes = audit.get("sample_sizes", {})
     copies = audit.get("near_copies", {})
     dcr = audit.get("dcr", {})
+    sampled = ""
+    if sizes.get("holdout_sampled_out") or sizes.get("members_sampled_out"):
+        sampled = (
+            f" The archives were larger than audit.max_records: {sizes['members_sampled_out']}"
+            f" training images were left out of the membership scores and "
+            f"{sizes['holdout_sampled_out']} holdout images out of the audit, at random; "
+            "every training image was still searched for copies."
+        )
     plot = f'<img src="{_distance_png(dcr)}" alt="distance histograms">' if dcr else ""
     return (
         f"<h2>Privacy audit</h2>{banner}<p>Run at each hospital on its own images: "
         f"{sizes.get('train')} training images (members) and {sizes.get('holdout')} holdout "
         f"images (non-members) in all; {sizes.get('train_duplicates_removed')} duplicate "
         f"training images and {sizes.get('holdout_in_train_removed')} holdout images "
-        "identical to a training image were set aside. Only counts and histograms left the "
-        "hospitals.</p>"
+        f"identical to a training image were set aside.{sampled} Only counts and histograms "
+        "left the hospitals.</p>"
         "<table><tr><th>check</th><th>value</th><th>rule</th><th></th></tr>"
         f"{checks}</table><h3>Membership inference</h3>"
         "<table><tr><th>attack</th><th>AUC [95 %]</th><th>members / non-members</th>"

@@ -160,6 +160,7 @@ class AuditConfig:
     copy_coarse: int = MISSING
     density_k: int = MISSING
     bins: int = MISSING
+    max_records: int = MISSING
     thresholds: AuditThresholds = field(default_factory=AuditThresholds)
     override: str | None = None
     canaries: int = MISSING

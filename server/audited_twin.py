@@ -40,7 +40,7 @@ from fedtwin.tensors import get_weights, set_weights
 from fedtwin.twin import generate_from_rounds, label_mix
 from fedtwin.utility import pool_utility
 
-AUDIT_PARAMETERS = ("copy_margin", "copy_coarse", "density_k", "bins")
+AUDIT_PARAMETERS = ("copy_margin", "copy_coarse", "density_k", "bins", "max_records")
 UTILITY_KINDS = {  # which classifier's holdout scores: the twin's, or the hospital's own two
     "twin": messages.UTILITY,
     "real_only": messages.UTILITY_REAL,

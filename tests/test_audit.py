@@ -270,3 +270,53 @@ def test_pooled_utility_equals_centralized_even_for_a_confident_classifier(hospi
     assert pooled["n"] == len(labels)
     assert pooled["acc"] == pytest.approx(direct["acc"])
     assert pooled["auc"] == pytest.approx(direct["auc"], abs=0.005)
+
+
+def test_copy_ratios_search_spacings_only_where_needed_and_match_the_full_computation(hospitals):
+    """Spacings computed only for the training images some candidate is nearest to give
+    the same ratios as every spacing computed (brute force, scipy), floor included."""
+    h = max(hospitals, key=lambda x: len(x.train.images))
+    train, _, _ = audit.deduplicate(h.train.images, h.holdout.images)
+    candidates = (noise_twin(hospitals, 50), h.holdout.images)
+    (got_twin, got_hold), _ = audit.copy_ratios(train, candidates, 7)
+    expected = []
+    for images in candidates:
+        per_space = []
+        for space in (audit.pixels, lambda x: audit.coarse(x, 7)):
+            t, c = space(train), space(images)
+            d = cdist(t, t)
+            np.fill_diagonal(d, np.inf)
+            spacing = d.min(1)
+            spacing = np.maximum(spacing, max(np.quantile(spacing, 0.05), 1e-12))
+            to_train = cdist(c, t)
+            per_space.append(to_train.min(1) / spacing[to_train.argmin(1)])
+        expected.append(np.minimum(*per_space))
+    np.testing.assert_allclose(got_twin, expected[0], rtol=1e-9)
+    np.testing.assert_allclose(got_hold, expected[1], rtol=1e-9)
+
+
+def test_a_large_archive_is_sampled_but_every_training_image_is_searched(hospitals, cfg):
+    """Above audit.max_records the holdout and the scored members are samples of that
+    size (counted in the reply), and a copy of any training image, sampled or not, is
+    still found: the twin is searched against every training image."""
+    h = max(hospitals, key=lambda x: len(x.train.images))
+    cap = 40
+    assert len(h.train.images) > 5 * cap and len(h.holdout.images) > cap
+    small = {**cfg, "max_records": cap}
+    twin = np.concatenate([noise_twin(hospitals, 100), h.train.images[-5:]])
+    site = audit.site_audit(twin, h.train.images, h.holdout.images, small)
+    assert site["copies"]["near_copies"] == 5
+    assert site["n_holdout"] == cap
+    assert site["n_train"] == len(h.train.images) - site["train_duplicates_removed"]
+    assert site["members_sampled_out"] == site["n_train"] - cap
+    assert site["holdout_sampled_out"] == (
+        len(h.holdout.images)
+        - cap
+        - site["holdout_in_train_removed"]
+        - site["holdout_duplicates_removed"]
+    )
+    members = site["mia"]["gan_leaks_pixel"]["members"]
+    assert int(np.sum(members)) == cap  # the attacks scored the sample of members
+    everyone = audit.site_audit(twin, h.train.images, h.holdout.images, cfg)
+    assert everyone["members_sampled_out"] == everyone["holdout_sampled_out"] == 0
+    assert int(np.sum(everyone["mia"]["gan_leaks_pixel"]["members"])) == everyone["n_train"]

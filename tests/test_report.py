@@ -160,3 +160,16 @@ def test_colour_images_tile_into_a_colour_grid():
     grid = image_grid(images, cols=2)
     assert grid.shape == (2, 4, 3)
     assert np.array_equal(grid[:, 2:], images[1])
+
+
+def test_a_sampled_audit_says_what_it_left_out():
+    from fedtwin.report import _audit_section
+
+    sizes = {"train": 44000, "holdout": 5000, "train_duplicates_removed": 0}
+    exact = {**sizes, "members_sampled_out": 0, "holdout_sampled_out": 0}
+    page = _audit_section({"verdict": "pass", "sample_sizes": exact}, {}, {}, ["a", "b"])
+    assert "max_records" not in page
+    sampled = {**sizes, "members_sampled_out": 39000, "holdout_sampled_out": 6000}
+    page = _audit_section({"verdict": "pass", "sample_sizes": sampled}, {}, {}, ["a", "b"])
+    assert "39000 training images were left out of the membership scores" in page
+    assert "6000 holdout images out of the audit" in page
