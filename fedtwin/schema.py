@@ -232,6 +232,7 @@ RANGES: dict[str, Range] = {
     "audit.copy_coarse": whole(1, 512),
     "audit.density_k": whole(1, 1000),
     "audit.bins": whole(2, 100_000),
+    "audit.max_records": whole(0, 1_000_000_000),  # 0 = every record
     "audit.thresholds.max_near_copies": whole(0, 1_000_000_000),
     "audit.thresholds.record_ratio": number(0, 1e6, low_open=True),
     "audit.thresholds.mia_auc_max": number(0, 1),

@@ -84,10 +84,13 @@ def _post(port: int, headers: dict, chunks: list[bytes] = (), end: bool = True):
     for name, value in headers.items():
         conn.putheader(name, value)
     conn.endheaders()
-    for chunk in chunks:
-        conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-    if chunks and end:
-        conn.send(b"0\r\n\r\n")
+    try:
+        for chunk in chunks:
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        if chunks and end:
+            conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed before the body ended: read its answer
     response = conn.getresponse()
     return response.status, response.read().decode()
 
