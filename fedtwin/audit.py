@@ -63,7 +63,9 @@ from fedtwin.histograms import (
     Bins,
     hist,
 )
+from fedtwin.manifold import subsample
 from fedtwin.neighbours import closest, nearest
+from fedtwin.seeds import derive_seed
 from fedtwin.ssim import ssim
 from fedtwin.tensors import to_planes
 
@@ -158,14 +160,6 @@ def copy_ratios(
     return [np.minimum(*r) for r in ratios], pixel_nearest
 
 
-def sample_rows(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
-    """All of ``range(n)`` when ``n <= cap`` (or ``cap`` is 0), else ``cap`` of them at
-    random, in order."""
-    if cap <= 0 or n <= cap:
-        return np.arange(n)
-    return np.sort(rng.choice(n, cap, replace=False))
-
-
 def density_score(real: np.ndarray, twin: np.ndarray, k: int) -> np.ndarray:
     """``log(r_real / r_twin)`` per real row: its k-th nearest other real image over its
     k-th nearest twin image. High when the twin is dense where this image is (member-like)."""
@@ -203,10 +197,10 @@ def site_audit(
     # against, but the holdout, the members the attacks score and the spacings that set
     # the copy-ratio floor are random samples of at most max_records (0: all). An older
     # server sends no max_records: every record, as it expects.
-    cap, sampler = int(cfg.get("max_records", 0)), np.random.default_rng([seed, 1])
+    cap = int(cfg.get("max_records", 0))
     n_held = len(holdout_u)
-    holdout_u = holdout_u[sample_rows(n_held, cap, sampler)]
-    members = sample_rows(len(train_u), cap, sampler)
+    holdout_u = holdout_u[subsample(n_held, cap or n_held, derive_seed(seed, "holdout"))]
+    members = subsample(len(train_u), cap or len(train_u), derive_seed(seed, "members"))
     counts["holdout_sampled_out"] = n_held - len(holdout_u)
     counts["members_sampled_out"] = len(train_u) - len(members)
     px_twin, px_train, px_hold = pixels(twin), pixels(train_u), pixels(holdout_u)

@@ -116,11 +116,11 @@ def train_classifier(
 
 
 def classifier_from_config(
-    images: np.ndarray, labels: np.ndarray, n_classes: int, eval_cfg: Mapping, seed: int, **show
+    images: np.ndarray, labels: np.ndarray, n_classes: int, eval_cfg: Mapping, seed: int, **options
 ) -> Classifier:
     """``train_classifier`` with the recipe of ``eval.*`` (epochs, batch size, lr) on at
-    most ``eval.max_train_images`` of the images (``capped``); ``show``: its ``progress``
-    and ``desc``."""
+    most ``eval.max_train_images`` of the images (``capped``); ``options``: its
+    ``progress``, ``desc`` and ``start``."""
     images, labels = capped(images, labels, eval_cfg, seed)
     return train_classifier(
         images,
@@ -130,7 +130,7 @@ def classifier_from_config(
         batch_size=int(eval_cfg["batch_size"]),
         lr=float(eval_cfg["lr"]),
         seed=seed,
-        **show,
+        **options,
     )
 
 
@@ -146,14 +146,12 @@ def hybrid_classifier(
     twin it is handed."""
     n = min(len(own[1]), int(eval_cfg["max_train_images"]) // 2)
     mine, pick = subsample(len(own[1]), n, seed), subsample(len(twin[1]), n, seed)
-    return train_classifier(
+    return classifier_from_config(  # 2n images: within the cap, so none is dropped
         np.concatenate([own[0][mine], twin[0][pick]]),
         np.concatenate([own[1][mine], twin[1][pick].astype(own[1].dtype)]),
         n_classes,
-        epochs=int(eval_cfg["epochs"]),
-        batch_size=int(eval_cfg["batch_size"]),
-        lr=float(eval_cfg["lr"]),
-        seed=seed,
+        eval_cfg,
+        seed,
         start=start,
     )
 
